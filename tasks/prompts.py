@@ -1,0 +1,116 @@
+"""Prompt building, exactly as the SAPO reference describes.
+
+One user turn of the tokenizer's chat template, no system message:
+
+    {instruction}\n\nText:\n{input}\n\n{suffix}
+
+and the label as the assistant turn. The supervised tokens are the tokens of the full chat text after the generation
+prompt (answer + end-of-turn). Prompt and response are tokenized separately, so the prompt tokens are exactly what
+generation sees. User text is only concatenated, never passed through `str.format` (instructions can hold braces).
+When a sequence is too long, the INPUT text is shortened; the instruction, suffix, chat markup and answer never are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tasks.errors import SapoError
+
+IGNORE_INDEX = -100
+
+
+def user_message(instruction: str, input_text: str, suffix: str) -> str:
+    return instruction + "\n\nText:\n" + input_text + "\n\n" + suffix
+
+
+def _render(tokenizer, messages, add_generation_prompt):
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise SapoError(f"tokenizer {name!r} has no chat template; SAPO prompts are one chat turn "
+                        "(use an instruct/chat model, or set tokenizer.chat_template)")
+    # enable_thinking=False: Qwen3 templates emit an empty think block, other templates ignore the variable.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_prompt(tokenizer, instruction: str, input_text: str, suffix: str) -> str:
+    """The chat text up to and including the assistant header (what generation continues)."""
+    return _render(tokenizer, [{"role": "user", "content": user_message(instruction, input_text, suffix)}], True)
+
+
+def render_response(tokenizer, prompt_text: str, instruction: str, input_text: str, suffix: str, answer: str) -> str:
+    """The chat text after the generation prompt: answer + end-of-turn markup."""
+    messages = [{"role": "user", "content": user_message(instruction, input_text, suffix)},
+                {"role": "assistant", "content": answer}]
+    full = _render(tokenizer, messages, False)
+    if not full.startswith(prompt_text):
+        raise SapoError("the chat template renders a finished conversation that does not start with its own "
+                        "generation prompt; cannot tell which tokens are the response")
+    return full[len(prompt_text):]
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens, the token id on response tokens
+    num_prompt_tokens: int
+    truncated: bool = False  # the input text was shortened to fit
+
+
+def _fit(tokenizer, instruction, input_text, suffix, budget_for, max_length):
+    """Render the prompt, shortening the input text (from its end) until `budget_for(prompt_ids)` <= max_length."""
+    prompt_text = render_prompt(tokenizer, instruction, input_text, suffix)
+    prompt_ids = _ids(tokenizer, prompt_text)
+    if max_length is None or budget_for(prompt_ids) <= max_length:
+        return input_text, prompt_text, prompt_ids, False
+    input_ids = _ids(tokenizer, input_text)
+    keep = len(input_ids)
+    # Token counts are not additive across a cut (merges at the boundary), so cut and re-measure until it fits.
+    while budget_for(prompt_ids) > max_length:
+        keep -= max(1, budget_for(prompt_ids) - max_length)
+        if keep < 0:
+            fixed = budget_for(_ids(tokenizer, render_prompt(tokenizer, instruction, "", suffix)))
+            raise SapoError(f"instruction, suffix, chat markup and answer alone take {fixed} tokens, more than the "
+                            f"limit of {max_length}; raise the length limit or shorten the instruction")
+        input_text = tokenizer.decode(input_ids[:keep])
+        prompt_text = render_prompt(tokenizer, instruction, input_text, suffix)
+        prompt_ids = _ids(tokenizer, prompt_text)
+    return input_text, prompt_text, prompt_ids, True
+
+
+def encode_example(tokenizer, instruction: str, input_text: str, suffix: str, answer: str,
+                   max_length: int | None = None) -> Encoded:
+    """Tokens and labels of one training/scoring sequence; at most `max_length` tokens in all."""
+    # The response depends on the (possibly shortened) prompt only through the template, so render it once to size it.
+    prompt_text = render_prompt(tokenizer, instruction, input_text, suffix)
+    response_ids = _ids(tokenizer, render_response(tokenizer, prompt_text, instruction, input_text, suffix, answer))
+    input_text, prompt_text, prompt_ids, truncated = _fit(
+        tokenizer, instruction, input_text, suffix, lambda p: len(p) + len(response_ids), max_length)
+    if truncated:
+        response_ids = _ids(tokenizer, render_response(tokenizer, prompt_text, instruction, input_text, suffix, answer))
+    return Encoded(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, len(prompt_ids),
+                   truncated)
+
+
+def encode_prompt(tokenizer, instruction: str, input_text: str, suffix: str,
+                  max_length: int | None = None) -> list[int]:
+    """Prompt tokens for generation (ending with the assistant header); at most `max_length` tokens."""
+    return _fit(tokenizer, instruction, input_text, suffix, len, max_length)[2]
+
+
+def pad_batch(sequences: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """Stack ragged token lists into one LongTensor, padding on the given side."""
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            if side == "right":
+                out[i, :len(s)] = torch.tensor(s)
+            else:
+                out[i, width - len(s):] = torch.tensor(s)
+    return out
