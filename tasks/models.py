@@ -104,10 +104,9 @@ def load_tokenizer(model: str | None):
 
 
 def load_model(model: str | None, dtype=None, extra_adapters: list[str] = ()):
-    """The model state: base weights plus every adapter of the stack merged at its training scale.
-
-    Merging gives exactly the function of the base with all adapters active (W + scale * B @ A per adapter), as in
-    training; unlike the original code, earlier adapters are not shrunk.
+    """The model state for inference: base weights plus every adapter of the stack, all active at their training
+    scale (output = W x + sum_i scale_i * B_i A_i x), exactly as during training. Unlike the original code, earlier
+    adapters are not shrunk. Returns the transformers model (with the LoRA layers inside when there are adapters).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -117,17 +116,36 @@ def load_model(model: str | None, dtype=None, extra_adapters: list[str] = ()):
         net = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise _hub_error(base, e) from None
-    return merge_adapters(net, list(adapters) + list(extra_adapters))
+    adapters = list(adapters) + list(extra_adapters)
+    if not adapters:
+        return net.eval()
+    return stack_adapters(net, adapters).get_base_model().eval()
 
 
-def merge_adapters(net, adapter_dirs: list[str]):
-    """Merge each peft adapter (in order) into the weights with stock peft; returns the plain model."""
-    if not adapter_dirs:
-        return net
+def adapter_name(index: int) -> str:
+    return f"task{index + 1}"
+
+
+def stack_adapters(net, adapter_dirs: list[str], trainable_last: bool = False):
+    """Load peft adapters (stock `PeftModel.from_pretrained` + `load_adapter`) and make all of them active.
+
+    Only the last one gets gradients when `trainable_last` (seq-lora continues training it); the rest are frozen.
+    """
     from peft import PeftModel
 
     for adapter in adapter_dirs:
         if not (Path(adapter) / "adapter_config.json").exists():
             raise SapoError(f"adapter directory {adapter} has no adapter_config.json")
-        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
-    return net
+    names = [adapter_name(i) for i in range(len(adapter_dirs))]
+    peft_model = PeftModel.from_pretrained(net, adapter_dirs[0], adapter_name=names[0])
+    for name, adapter in zip(names[1:], adapter_dirs[1:]):
+        peft_model.load_adapter(adapter, adapter_name=name)
+    activate_adapters(peft_model, names, trainable=names[-1] if trainable_last else None)
+    return peft_model
+
+
+def activate_adapters(peft_model, names: list[str], trainable: str | None):
+    """All `names` active (their outputs add up), only adapter `trainable` (or none) with requires_grad."""
+    peft_model.base_model.set_adapter(names)  # LoraModel.set_adapter takes a list; it marks them all trainable
+    for param_name, param in peft_model.named_parameters():
+        param.requires_grad = trainable is not None and f".{trainable}." in param_name

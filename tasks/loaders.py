@@ -1,0 +1,209 @@
+"""Where tasks come from: the built-in generator, the SAPO/O-LoRA directory layout, original Super-NaturalInstructions
+task files, or a Hugging Face dataset. Instance order is the file's order (the first n are used, never a shuffle).
+
+SAPO layout (as in ../shared/data/superni):
+    <data_dir>/instructions.json               task -> {"instruction", "suffix", "labels", ...}
+    <data_dir>/<task>/{train,dev,test}.json    [{"sentence": input, "label": answer}, ...]
+    <data_dir>/order/<sequence>/<k>-<task>/train_tasks.json   [{"dataset_name": task}, ...]: task trained at step k
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tasks.core import SPLITS, Instance, Sequence, Task
+from tasks.errors import SapoError
+
+# Task orders of the named real-data sequences (short SuperNI ids resolve to `taskNNN_*` directories).
+NAMED_SEQUENCES = {
+    "ni_seq_g1": ["task589", "task141", "task618", "task339", "task360"],
+    "ni_seq_c1": ["task195", "task1310", "task273", "task611", "task224"],
+    "ni_seq_m1": ["task195", "task360", "task611", "task002", "task224"],
+    "trace": ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm"],
+}
+
+
+def read_json(path) -> object:
+    """json.load with a one-line error naming the file (and the position for malformed JSON)."""
+    path = Path(path)
+    if not path.exists():
+        raise SapoError(f"file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SapoError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise SapoError(f"{path} is not UTF-8 text: {e.reason}") from None
+
+
+def _check_dir(data_dir) -> Path:
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise SapoError(f"data directory not found: {data_dir}")
+    return path
+
+
+def resolve_task_dir(data_dir, name: str) -> Path:
+    """`task195` or `task195_sentiment140_classification` -> the task's directory under data_dir."""
+    root = _check_dir(data_dir)
+    if (root / name).is_dir():
+        return root / name
+    matches = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(name + "_"))
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise SapoError(f"task {name!r} is ambiguous in {data_dir}: {', '.join(p.name for p in matches)}")
+    raise SapoError(f"task {name!r} not found in {data_dir}")
+
+
+def _sapo_instances(path: Path) -> list[Instance]:
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise SapoError(f"{path} must hold a JSON list of {{\"sentence\", \"label\"}} records")
+    instances = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "sentence" not in r or "label" not in r:
+            raise SapoError(f"{path}: record {i} lacks \"sentence\" or \"label\"")
+        label = r["label"]
+        outputs = tuple(label) if isinstance(label, list) else (str(label),)
+        instances.append(Instance(str(r["sentence"]), outputs))
+    return instances
+
+
+def load_sapo_task(data_dir, name: str) -> Task:
+    """A task from the SAPO/O-LoRA layout. A split file that is absent is recorded in `missing_splits`."""
+    task_dir = resolve_task_dir(data_dir, name)
+    full_name = task_dir.name
+    meta_path = Path(data_dir) / "instructions.json"
+    meta = read_json(meta_path)
+    if full_name not in meta:
+        raise SapoError(f"{meta_path} has no entry for task {full_name}")
+    entry = meta[full_name]
+    if not isinstance(entry, dict) or not entry.get("instruction"):
+        raise SapoError(f"{meta_path}: entry {full_name} lacks an \"instruction\"")
+    splits, missing = {}, []
+    for split in SPLITS:
+        path = task_dir / f"{split}.json"
+        if path.exists():
+            splits[split] = _sapo_instances(path)
+        else:
+            splits[split], missing = [], missing + [split]
+    if len(missing) == len(SPLITS):
+        raise SapoError(f"{task_dir} holds none of train.json, dev.json, test.json")
+    return Task(name=full_name, instruction=entry["instruction"], suffix=entry.get("suffix", ""),
+                label_words=tuple(entry.get("labels") or ()), source=str(task_dir), missing_splits=tuple(missing),
+                **splits)
+
+
+def load_superni_file(path, n_test: int = 100, n_dev: int = 50) -> Task:
+    """An original Super-NaturalInstructions task file (`Definition`, `Instances` with `input` and `output` list).
+
+    Such a file has no splits: the first `n_test` instances are the test split (as in SuperNI's own evaluation), the
+    next `n_dev` the dev split, the rest train. Label words are the distinct outputs of a task with few of them that
+    also occur in the definition (classification tasks name their labels there).
+    """
+    data = read_json(path)
+    if not isinstance(data, dict) or "Definition" not in data or "Instances" not in data:
+        raise SapoError(f"{path} is not a Super-NaturalInstructions task file (needs \"Definition\" and \"Instances\")")
+    definition = data["Definition"]
+    instruction = " ".join(definition) if isinstance(definition, list) else str(definition)
+    instances = []
+    for i, r in enumerate(data["Instances"]):
+        outputs = r.get("output") if isinstance(r, dict) else None
+        if not outputs or "input" not in r:
+            raise SapoError(f"{path}: instance {i} lacks \"input\" or a non-empty \"output\"")
+        instances.append(Instance(str(r["input"]), tuple(outputs) if isinstance(outputs, list) else (str(outputs),)))
+    if not instances:
+        raise SapoError(f"{path} has no instances")
+    labels = sorted({inst.label for inst in instances})
+    label_words = tuple(w for w in labels if w in instruction) if len(labels) <= 10 else ()
+    name = Path(path).stem
+    return Task(name=name, instruction=instruction, label_words=label_words, source=str(path),
+                test=instances[:n_test], dev=instances[n_test:n_test + n_dev], train=instances[n_test + n_dev:])
+
+
+def load_hf_task(dataset: str, instruction: str | None = None, suffix: str = "", label_words=(),
+                 input_column: str = "input", output_column: str = "output") -> Task:
+    """A task from a Hugging Face dataset by name or local path (e.g. `Lots-of-LoRAs/task195_...`).
+
+    Splits: train, valid/validation -> dev, test. `output` may be a string or a list of references. Without an
+    explicit instruction the dataset's `definition` column (if any) is used.
+    """
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset)
+    except Exception as e:  # datasets raises many types for "not found / no network"
+        raise SapoError(f"cannot load dataset {dataset!r} ({type(e).__name__}): pass a local copy "
+                        "(a directory of train/valid/test files) or a SAPO-layout --data-dir") from None
+    split_names = {"train": ["train"], "dev": ["valid", "validation", "dev"], "test": ["test"]}
+    splits, missing = {}, []
+    for split, candidates in split_names.items():
+        found = next((c for c in candidates if c in ds), None)
+        if found is None:
+            splits[split], missing = [], missing + [split]
+            continue
+        table = ds[found]
+        for column in (input_column, output_column):
+            if column not in table.column_names:
+                raise SapoError(f"dataset {dataset!r} split {found} has no column {column!r} "
+                                f"(columns: {', '.join(table.column_names)})")
+        if instruction is None and "definition" in table.column_names and len(table):
+            instruction = table[0]["definition"]
+        splits[split] = [Instance(str(r[input_column]), tuple(r[output_column]) if isinstance(r[output_column], list)
+                                  else (str(r[output_column]),)) for r in table]
+    if not instruction:
+        raise SapoError(f"dataset {dataset!r} has no `definition` column: give the task instruction explicitly")
+    name = dataset.rstrip("/").split("/")[-1]
+    return Task(name=name, instruction=instruction, suffix=suffix, label_words=tuple(label_words), source=dataset,
+                missing_splits=tuple(missing), **splits)
+
+
+def load_task(name: str, data_dir=None, *, seed: int = 0, n_train: int = 1000, n_dev: int = 50,
+              n_test: int = 100) -> Task:
+    """A task by name: built-in when data_dir is None; else from a SAPO-layout directory, a SuperNI task file
+    (`name` ends in .json), or a Hugging Face dataset (`hf:<dataset>`)."""
+    if name.startswith("hf:"):
+        return load_hf_task(name[3:])
+    if name.endswith(".json"):
+        return load_superni_file(name if data_dir is None else os.path.join(data_dir, name))
+    if data_dir is None:
+        from tasks.builtin import builtin_task
+
+        return builtin_task(name, seed=seed, n_train=n_train, n_dev=n_dev, n_test=n_test)
+    return load_sapo_task(data_dir, name)
+
+
+def load_sequence(name: str, data_dir=None) -> Sequence:
+    """A sequence by name: built-in (`demo`, `builtin`), a real-data one (`ni_seq_c1`, ... resolved against data_dir,
+    preferring its `order/<name>/` folders), or a comma-separated list of task names."""
+    if "," in name:
+        return Sequence(name="custom", task_names=[t.strip() for t in name.split(",") if t.strip()], data_dir=data_dir)
+    from tasks.builtin import BUILTIN_SEQUENCES  # imported here: generating tasks is not needed for real data
+
+    if data_dir is None:
+        if name in BUILTIN_SEQUENCES:
+            return Sequence(name=name, task_names=list(BUILTIN_SEQUENCES[name]))
+        if name in NAMED_SEQUENCES:
+            raise SapoError(f"sequence {name!r} needs real data: pass --data-dir (e.g. ../shared/data/superni)")
+        raise SapoError(f"unknown sequence {name!r}; built-in: {', '.join(BUILTIN_SEQUENCES)}; "
+                        f"with --data-dir: {', '.join(NAMED_SEQUENCES)}")
+    root = _check_dir(data_dir)
+    order_dir = root / "order" / name
+    if order_dir.is_dir():
+        steps = sorted((p for p in order_dir.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("-", 1)[0]))
+        task_names = []
+        for step in steps:
+            trained = read_json(step / "train_tasks.json")
+            if not trained or not isinstance(trained, list) or "dataset_name" not in trained[0]:
+                raise SapoError(f"{step / 'train_tasks.json'} names no dataset_name")
+            task_names.append(trained[0]["dataset_name"])
+        return Sequence(name=name, task_names=task_names, data_dir=str(root))
+    if name in NAMED_SEQUENCES:
+        return Sequence(name=name, task_names=[resolve_task_dir(root, t).name for t in NAMED_SEQUENCES[name]],
+                        data_dir=str(root))
+    if name in BUILTIN_SEQUENCES:
+        return Sequence(name=name, task_names=list(BUILTIN_SEQUENCES[name]))
+    raise SapoError(f"unknown sequence {name!r}: no {order_dir} and not one of {', '.join(NAMED_SEQUENCES)}")
