@@ -181,11 +181,13 @@ def load_sequence(name: str, data_dir=None) -> Sequence:
     preferring its `order/<name>/` folders), or a comma-separated list of task names."""
     if "," in name:
         return Sequence(name="custom", task_names=[t.strip() for t in name.split(",") if t.strip()], data_dir=data_dir)
-    from tasks.builtin import BUILTIN_SEQUENCES  # imported here: generating tasks is not needed for real data
+    from tasks.builtin import BUILTIN_SEQUENCES, BUILTIN_TASK_NAMES  # here: real data needs no generated tasks
 
     if data_dir is None:
         if name in BUILTIN_SEQUENCES:
             return Sequence(name=name, task_names=list(BUILTIN_SEQUENCES[name]))
+        if name in BUILTIN_TASK_NAMES:  # a single task is a sequence of one
+            return Sequence(name=name, task_names=[name])
         if name in NAMED_SEQUENCES:
             raise SapoError(f"sequence {name!r} needs real data: pass --data-dir (e.g. ../shared/data/superni)")
         raise SapoError(f"unknown sequence {name!r}; built-in: {', '.join(BUILTIN_SEQUENCES)}; "
@@ -206,4 +208,7 @@ def load_sequence(name: str, data_dir=None) -> Sequence:
                         data_dir=str(root))
     if name in BUILTIN_SEQUENCES:
         return Sequence(name=name, task_names=list(BUILTIN_SEQUENCES[name]))
-    raise SapoError(f"unknown sequence {name!r}: no {order_dir} and not one of {', '.join(NAMED_SEQUENCES)}")
+    if any(p.is_dir() and (p.name == name or p.name.startswith(name + "_")) for p in root.iterdir()):
+        return Sequence(name=name, task_names=[resolve_task_dir(root, name).name], data_dir=str(root))
+    raise SapoError(f"unknown sequence {name!r}: no {order_dir}, no such task, and not one of "
+                    f"{', '.join(NAMED_SEQUENCES)}")

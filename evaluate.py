@@ -1,0 +1,521 @@
+"""Evaluation for SAPO: greedy generation, ROUGE-L / exact match per task, and the continual-learning metrics of the
+score matrix R.
+
+Two ways to run it:
+
+    # report: recompute the metrics of a run from its R.json, print them and R as a markdown table, and write
+    # metrics.json, R.csv (+ R_exact_match.csv) and an R.png heatmap into the run directory
+    python evaluate.py runs/my_run
+    python evaluate.py --compare runs/original runs/sapo        # several runs side by side (one column per run)
+
+    # run: evaluate a model (a hub id, an HF directory, a peft adapter or an adapter stack) on named tasks, e.g. the
+    # zero-shot row; the same command runs on CPU, one GPU or many (the topology lives in `accelerate launch`)
+    python evaluate.py --model DIR --tasks task195,task1310 --data-dir ../shared/data/superni --output-dir out/
+    accelerate launch --num_processes 8 evaluate.py --model runs/my_run/adapters --tasks ... --output-dir out/
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 evaluate.py --model DIR --tasks ...
+
+    --instructions FILE: JSON {task: instruction} or {task: {"instruction": ...}} to evaluate with (e.g. the selected
+    paraphrases); tasks it does not name use their original instruction. The run mode writes
+    OUTPUT_DIR/predictions/<task>.jsonl and OUTPUT_DIR/scores.json.
+
+Scores (x100, averaged over instances):
+- ROUGE-L F1 from rouge-score with the Porter stemmer, max over an instance's references. rouge-score's default
+  tokenizer keeps only [a-z0-9], so Chinese would score 0: for lang != "en" every CJK character is one token and other
+  words are runs of letters/digits (lang="auto" picks "zh" when the references hold CJK characters).
+- Exact match: lower-cased, punctuation removed, whitespace collapsed, then equal to any reference.
+
+The score matrix R has N+1 rows and N columns: row 0 = zero-shot, row i = scores on every task after training task i
+(1-based task numbers below; R[i][j] is row i, task j). n = the last row given (a partial run has fewer rows):
+- AP       = mean_j R[n][j]                                           (all N tasks, last row given)
+- BWT      = mean_{i=2..n} mean_{j<i} (R[i][j] - R[j][j])             (forgetting averaged over stages; None if n < 2)
+- FWT      = mean_{i=1..min(n,N-1)} mean_{j>i} (R[i][j] - R[0][j])   (gain on unseen tasks; None if n < 1 or N < 2)
+- BWT_last = mean_{j<n} (R[n][j] - R[j][j])                           (GEM's BWT: last row only; None if n < 2)
+- OP       = mean_{j<=n} R[n][j]                                      (TRACE's overall performance over seen tasks)
+
+Generation: prompts are built by tasks.prompts.encode_prompt (the input text is shortened when too long), batched
+with left padding, greedy, stopped at EOS or the chat template's end-of-turn token; the answer is the decoded generated
+tokens only. Batches are formed from the globally length-sorted prompts and dealt round-robin to the processes, so every
+batch (and its padding) is the same whatever the number of processes: 1 and 8 processes give the same answers.
+With ZeRO-3/FSDP sharded weights every process would have to join every forward; load full weights per process here.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import json
+import math
+import os
+import re
+import string
+import tempfile
+import unicodedata
+from pathlib import Path
+
+import torch
+
+from tasks.errors import SapoError, cli_main
+from tasks.prompts import encode_prompt, pad_batch, render_prompt, render_response
+
+METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
+SCORES = ("rougeL", "exact_match")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS, the model's generation EOS ids, and the chat end-of-turn token (the first special token the template puts
+    after an assistant answer: <|im_end|>, <|eot_id|>, <end_of_turn>, ...)."""
+    ids = [tokenizer.eos_token_id]
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids += eos if isinstance(eos, (list, tuple)) else [eos]
+    try:
+        answer = "Answer 42."
+        prompt = render_prompt(tokenizer, "", "", "")
+        response = render_response(tokenizer, prompt, "", "", "", answer)
+        after = response[response.index(answer) + len(answer):]  # what the template puts after the answer
+        special = set(tokenizer.all_special_ids)
+        special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+        ids += [next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)]
+    except (SapoError, ValueError):  # no chat template (encode_prompt will say so), or the answer is not rendered as is
+        pass  # no chat template: encode_prompt will say so
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+@torch.no_grad()  # not inference_mode: buffers a module creates lazily here must stay usable when training resumes
+def generate_answers(model, tokenizer, task, instruction, instances, accelerator, *, batch_size=16,
+                     max_new_tokens=128, max_prompt_tokens=1536, progress=True) -> list[str]:
+    """Greedy answers to `instances` (same order), prompted with `instruction` and the task's suffix."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    net = accelerator.unwrap_model(model)
+    device = next(net.parameters()).device
+    stops = stop_token_ids(tokenizer, net)
+    if not stops:
+        raise SapoError("the tokenizer has no EOS token and its chat template no end-of-turn token: cannot stop")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                              pad_token_id=pad_id, use_cache=True)
+
+    prompts = [encode_prompt(tokenizer, instruction, inst.input, task.suffix, max_length=max_prompt_tokens)
+               for inst in instances]
+    # Longest first (an out-of-memory shows at once); batches are cut from the GLOBAL order and dealt round-robin, so
+    # their composition, hence padding and numerics, does not depend on the number of processes.
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    my_batches = batches[accelerator.process_index::accelerator.num_processes]
+
+    was_training = net.training
+    net.eval()
+    mine = []  # (instance index, answer)
+    try:
+        bar = tqdm(my_batches, desc=f"generate {task.name}", disable=not (progress and accelerator.is_main_process))
+        for batch in bar:
+            input_ids = pad_batch([prompts[i] for i in batch], pad_id, side="left").to(device)
+            attention_mask = pad_batch([[1] * len(prompts[i]) for i in batch], 0, side="left").to(device)
+            out = net.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for i, row in zip(batch, out[:, input_ids.shape[1]:].tolist()):
+                cut = next((k for k, t in enumerate(row) if t in stops), len(row))  # drop the stop token + padding
+                mine.append((i, tokenizer.decode(row[:cut], skip_special_tokens=True).strip()))
+    finally:
+        net.train(was_training)
+
+    # gather_object (not gather_for_metrics: that would trim "duplicates" if called inside another dataloader's loop)
+    from accelerate.utils import gather_object
+
+    gathered = sorted(gather_object(mine)) if accelerator.num_processes > 1 else sorted(mine)
+    if [i for i, _ in gathered] != list(range(len(instances))):
+        raise RuntimeError(f"gathered {len(gathered)} answers for {len(instances)} instances")
+    return [answer for _, answer in gathered]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scores of one answer
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and Han: written without spaces
+_CJK_RE = re.compile(f"[{_CJK}]")
+_TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+class MultilingualTokenizer:
+    """rouge-score tokenizer for lang != "en": each CJK character is a token, other tokens are runs of letters and
+    digits (any script), lower-cased; ASCII words longer than 3 characters are Porter-stemmed as rouge-score does."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text):
+        tokens = _TOKEN_RE.findall(text.lower())
+        return [self.stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+
+
+@functools.lru_cache(maxsize=None)
+def _rouge_scorer(lang: str):
+    from rouge_score import rouge_scorer
+
+    if lang == "en":
+        return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=MultilingualTokenizer())
+
+
+def rouge_l(prediction: str, references: list[str], lang="en") -> float:
+    """ROUGE-L F1 x 100, max over references."""
+    if isinstance(references, str):
+        references = [references]
+    scorer = _rouge_scorer(lang)
+    return float(max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)) * 100
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, every punctuation character (ASCII or Unicode) removed, whitespace collapsed."""
+    # string.punctuation also holds ASCII symbols ($ + < = > ^ ` | ~) that Unicode files under S*, not P*
+    text = "".join(c for c in text.lower()
+                   if c not in string.punctuation and not unicodedata.category(c).startswith("P"))
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    """100 if the normalized prediction equals any normalized reference, else 0."""
+    if isinstance(references, str):
+        references = [references]
+    return 100.0 * any(normalize_answer(prediction) == normalize_answer(ref) for ref in references)
+
+
+def score_lang(instances) -> str:
+    """'zh' when any reference holds CJK characters, else 'en' (what lang="auto" means)."""
+    return "zh" if any(_CJK_RE.search(ref) for inst in instances for ref in inst.outputs) else "en"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One task
+
+
+def write_atomic(path, text: str):
+    """Write to a temporary file next to `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
+    os.replace(tmp, path)
+
+
+def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
+                  max_new_tokens=128, max_prompt_tokens=1536, predictions_path=None, lang="en", progress=True) -> dict:
+    """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`.
+    Every process returns the same dict; the predictions JSONL is written by the main process."""
+    instances = task.split(split)
+    if max_instances is not None:
+        if max_instances < 1:
+            raise SapoError(f"max_instances must be at least 1, got {max_instances}")
+        instances = instances[:max_instances]  # the first ones, whatever the number of processes
+    if lang == "auto":
+        lang = score_lang(instances)
+    answers = generate_answers(model, tokenizer, task, instruction, instances, accelerator, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, progress=progress)
+    records = [{"input": inst.input, "references": list(inst.outputs), "prediction": answer,
+                "rougeL": rouge_l(answer, inst.outputs, lang), "exact_match": exact_match(answer, inst.outputs)}
+               for inst, answer in zip(instances, answers)]
+    if predictions_path is not None and accelerator.is_main_process:
+        write_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return {"rougeL": sum(r["rougeL"] for r in records) / len(records),
+            "exact_match": sum(r["exact_match"] for r in records) / len(records),
+            "num_instances": len(records)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The score matrix R
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def check_matrix(R, num_tasks=None, where="R") -> list[list[float]]:
+    """R as floats; a SapoError unless it has 1..N+1 rows of N finite numbers each."""
+    if not isinstance(R, list) or not R or not all(isinstance(row, list) for row in R):
+        raise SapoError(f"{where} must be a non-empty list of rows")
+    N = num_tasks if num_tasks is not None else len(R[0])
+    if N < 1 or len(R) > N + 1:
+        raise SapoError(f"{where} has {len(R)} rows for {N} tasks (expected 1 to {N + 1})")
+    out = []
+    for i, row in enumerate(R):
+        if len(row) != N:
+            raise SapoError(f"{where} row {i} has {len(row)} scores, expected {N}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+            raise SapoError(f"{where} row {i} holds a value that is not a finite number: {row}")
+        out.append([float(v) for v in row])
+    return out
+
+
+def cl_metrics(R: list[list[float]], num_tasks: int | None = None) -> dict:
+    """AP, BWT, FWT, BWT_last, OP of the rows given (see the module docstring); None where a metric is undefined on
+    them. `rows_used` names the rows of R each metric read; `progress` says how many tasks the rows cover."""
+    R = check_matrix(R, num_tasks)
+    N, n = len(R[0]), len(R) - 1  # tasks; last trained task (row n)
+    c = lambda i, j: R[i][j - 1]  # noqa: E731 -- R[i][j] with 1-based task j, as in the formulas
+    fwt_stages = range(1, min(n, N - 1) + 1)
+    metrics = {
+        "AP": _mean(c(n, j) for j in range(1, N + 1)),
+        "BWT": _mean(_mean(c(i, j) - c(j, j) for j in range(1, i)) for i in range(2, n + 1)),
+        "FWT": _mean(_mean(c(i, j) - c(0, j) for j in range(i + 1, N + 1)) for i in fwt_stages),
+        "BWT_last": _mean(c(n, j) - c(j, j) for j in range(1, n)),
+        "OP": _mean(c(n, j) for j in range(1, n + 1)) if n >= 1 else None,
+    }
+    stages = list(range(1, n + 1)) if n >= 2 else []  # BWT and BWT_last read rows 1..n (the diagonal and row n)
+    rows_used = {"AP": [n], "BWT": stages, "FWT": [0, *fwt_stages] if len(fwt_stages) else [], "BWT_last": stages,
+                 "OP": [n] if n >= 1 else []}
+    note = (f"complete run: {N} of {N} tasks trained" if n == N else
+            f"partial run: {n} of {N} tasks trained (rows 0..{n} of 0..{N}); AP, OP and BWT_last use row {n}")
+    # Only the five metrics are numbers at the top level: a caller can print every number it finds.
+    return {**metrics, "rows_used": rows_used,
+            "progress": {"num_tasks": N, "num_rows": n + 1, "complete": n == N, "note": note}}
+
+
+def row_labels(task_names) -> list[str]:
+    return ["zero-shot"] + [f"after {t}" for t in task_names]
+
+
+def _fmt(v, digits=1):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(R, task_names) -> str:
+    """R as a markdown table: one row per stage, one column per task, plus the row mean."""
+    lines = ["| | " + " | ".join(task_names) + " | mean |", "|---" * (len(task_names) + 2) + "|"]
+    for label, row in zip(row_labels(task_names), R):
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(_mean(row))} |")
+    return "\n".join(lines)
+
+
+def read_run(run_dir) -> dict:
+    """R.json of a run directory, checked: {"tasks", "rows", "rougeL", "exact_match"} (the scores present)."""
+    path = Path(run_dir) / "R.json"
+    if not Path(run_dir).is_dir():
+        raise SapoError(f"run directory not found: {run_dir}")
+    if not path.exists():
+        raise SapoError(f"{path} not found (a run writes it after its zero-shot evaluation)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SapoError(f"malformed JSON in {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or not data["tasks"]:
+        raise SapoError(f"{path} must be an object with a non-empty \"tasks\" list")
+    tasks = [str(t) for t in data["tasks"]]
+    scores = {s: check_matrix(data[s], len(tasks), where=f"{path} \"{s}\"") for s in SCORES if s in data}
+    if not scores:
+        raise SapoError(f"{path} holds no score matrix (expected one of {', '.join(SCORES)})")
+    if len({len(R) for R in scores.values()}) > 1:
+        raise SapoError(f"{path}: the score matrices have different numbers of rows")
+    num_rows = len(next(iter(scores.values())))
+    rows = data.get("rows") or row_labels(tasks)[:num_rows]
+    if not isinstance(rows, list) or len(rows) != num_rows:
+        raise SapoError(f"{path}: \"rows\" must list one label per row of R ({num_rows})")
+    return {"tasks": tasks, "rows": [str(r) for r in rows], **scores}
+
+
+def _csv(labels, tasks, R) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["row", *tasks])
+    writer.writerows([label, *(f"{v:.4f}" for v in row)] for label, row in zip(labels, R))
+    return buf.getvalue()
+
+
+def plot_heatmap(R, tasks, labels, path, title):
+    """Heatmap of R with task names on the axes and every value written in its cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.0 + 1.1 * len(tasks), 1.5 + 0.55 * len(R)))
+    image = ax.imshow(R, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=35, ha="right")
+    ax.set_yticks(range(len(R)), labels)
+    ax.set_xlabel("evaluated task (outlined: the task just trained)")
+    ax.set_ylabel("model state")
+    for i, row in enumerate(R):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="black" if v > 60 else "white", fontsize=9)
+        if 1 <= i <= len(row):
+            ax.add_patch(plt.Rectangle((i - 1.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    fig.colorbar(image, ax=ax)
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_report(run_dir, metric="rougeL") -> dict:
+    """Read run_dir/R.json; write metrics.json, R.csv (`metric`), R_<score>.csv (other scores) and R.png.
+    Returns the metrics of `metric` (plus the tasks and the other scores' metrics under "other")."""
+    run = read_run(run_dir)
+    if metric not in run:
+        present = ", ".join(s for s in SCORES if s in run)
+        raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present})")
+    R, tasks, labels = run[metric], run["tasks"], run["rows"]
+    metrics = {"metric": metric, **cl_metrics(R), "tasks": tasks,
+               "other": {s: cl_metrics(run[s]) for s in SCORES if s in run and s != metric}}
+    run_dir = Path(run_dir)
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomic(run_dir / "R.csv", _csv(labels, tasks, R))
+    for s in metrics["other"]:
+        write_atomic(run_dir / f"R_{s}.csv", _csv(labels, tasks, run[s]))
+    try:
+        plot_heatmap(R, tasks, labels, run_dir / "R.png", f"{run_dir.name}: {metric}")
+    except ImportError:
+        print(f"note: matplotlib is not installed, so {run_dir / 'R.png'} was not drawn (pip install matplotlib)")
+    return metrics
+
+
+def compare_table(reports: dict) -> str:
+    """Metrics of several runs side by side: one row per metric, one column per run."""
+    names = list(reports)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m in METRICS:
+        lines.append(f"| {m} | " + " | ".join(_fmt(reports[r][m], 2) for r in names) + " |")
+    rows = [reports[r]["progress"] for r in names]
+    lines.append("| rows | " + " | ".join(f"{p['num_rows']}/{p['num_tasks'] + 1}" for p in rows) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `python -c 'import evaluate; help(evaluate)'` for the metric definitions.")
+    report = p.add_argument_group("report a run (reads RUN_DIR/R.json)")
+    report.add_argument("run_dir", nargs="?", help="a run directory holding R.json")
+    report.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="several runs side by side")
+    report.add_argument("--metric", default="rougeL", choices=SCORES, help="the score the metrics are computed on")
+    run = p.add_argument_group("evaluate a model on tasks")
+    run.add_argument("--model", help="hub id, HF directory, peft adapter dir or adapter stack (default: offline model)")
+    run.add_argument("--tasks", help="comma-separated task names")
+    run.add_argument("--data-dir", help="SAPO-layout data directory (default: the built-in tasks)")
+    run.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    run.add_argument("--max-instances", type=int, help="evaluate the first N instances of the split")
+    run.add_argument("--instructions", help="JSON {task: instruction} to prompt with instead of the original")
+    run.add_argument("--output-dir", help="write predictions/<task>.jsonl and scores.json here")
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--max-new-tokens", type=int, default=128)
+    run.add_argument("--max-prompt-tokens", type=int, default=1536)
+    run.add_argument("--lang", default="auto", choices=("auto", "en", "zh"), help="ROUGE tokenization per task")
+    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="auto: bfloat16 on GPU, float32 on CPU")
+    run.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    modes = [name for name, on in (("RUN_DIR", args.run_dir), ("--compare", args.compare), ("--tasks", args.tasks))
+             if on]
+    if args.model and not args.tasks:
+        p.error("--model needs --tasks (the tasks to evaluate it on)")
+    if len(modes) != 1:
+        p.error("give exactly one of RUN_DIR, --compare RUN_DIR ..., or --model M --tasks a,b"
+                + (f" (got {' and '.join(modes)})" if modes else ""))
+    if args.max_instances is not None and args.max_instances < 1:
+        p.error("--max-instances must be at least 1")
+    return args
+
+
+def report_main(args):
+    if args.compare:
+        reports, names = {}, [Path(d).resolve().name for d in args.compare]
+        for d, name in zip(args.compare, names):
+            reports[name if names.count(name) == 1 else d] = write_report(d, args.metric)
+        if len({tuple(r["tasks"]) for r in reports.values()}) > 1:
+            print("note: the runs do not have the same task sequence")
+        print(f"metrics on {args.metric}\n\n{compare_table(reports)}")
+        return reports
+    run = read_run(args.run_dir)
+    metrics = write_report(args.run_dir, args.metric)
+    print(f"{args.run_dir}: {args.metric}, {metrics['progress']['note']}\n")
+    print(markdown_table(run[args.metric], run["tasks"]) + "\n")
+    for m in METRICS:
+        print(f"{m:9s}{_fmt(metrics[m], 2):>8s}   rows {metrics['rows_used'][m]}")
+    print(f"\nwrote metrics.json, R.csv{''.join(f', R_{s}.csv' for s in metrics['other'])}, R.png in {args.run_dir}")
+    return metrics
+
+
+def read_instructions(path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SapoError(f"instructions file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SapoError(f"malformed JSON in {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SapoError(f"{path} must map task names to instructions")
+    out = {}
+    for task, v in data.items():
+        instruction = v.get("instruction") if isinstance(v, dict) else v
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise SapoError(f"{path}: task {task!r} has no instruction string")
+        out[task] = instruction
+    return out
+
+
+def run_main(args):
+    from accelerate import Accelerator
+
+    from tasks.loaders import load_task
+    from tasks.models import load_model, load_tokenizer
+
+    accelerator = Accelerator()
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise SapoError("--tasks names no task")
+    tasks = [load_task(name, args.data_dir) for name in names]  # bad names fail before the model loads
+    instructions = read_instructions(args.instructions) if args.instructions else {}
+    unknown = set(instructions) - {t.name for t in tasks} - set(names)
+    if unknown:
+        accelerator.print(f"note: {args.instructions} names tasks not evaluated here: {', '.join(sorted(unknown))}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=dtype).to(accelerator.device)
+
+    results = []
+    for name, task in zip(names, tasks):
+        instruction = instructions.get(task.name, instructions.get(name, task.instruction))
+        predictions = Path(args.output_dir) / "predictions" / f"{task.name}.jsonl" if args.output_dir else None
+        scores = evaluate_task(model, tokenizer, task, instruction, accelerator, split=args.split,
+                               max_instances=args.max_instances, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                               predictions_path=predictions, lang=args.lang, progress=not args.no_progress)
+        results.append({"task": task.name, "instruction": instruction, **scores})
+        accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}  "
+                          f"({scores['num_instances']} instances)")
+
+    accelerator.print("\n| task | rougeL | exact_match | instances |\n|---|---|---|---|")
+    for r in results:
+        accelerator.print(f"| {r['task']} | {r['rougeL']:.2f} | {r['exact_match']:.2f} | {r['num_instances']} |")
+    if args.output_dir and accelerator.is_main_process:
+        summary = {"model": args.model, "split": args.split, "max_instances": args.max_instances,
+                   "tasks": [r["task"] for r in results],
+                   "rougeL": [r["rougeL"] for r in results], "exact_match": [r["exact_match"] for r in results],
+                   "results": results}
+        write_atomic(Path(args.output_dir) / "scores.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")
+    accelerator.wait_for_everyone()
+    return results
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    return run_main(args) if args.tasks else report_main(args)
+
+
+if __name__ == "__main__":
+    main()

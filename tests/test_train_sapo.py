@@ -1,0 +1,230 @@
+"""train_sapo.py end to end on a tiny model: every method and selection mode, resume, reload with stock peft,
+the O-LoRA penalty, the learning-rate schedule, and 1 vs 2 processes."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sapo
+from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--sequence", "sentiment,count_words", "--score-instances", "4", "--max-candidates", "3",
+         "--train-instances", "12", "--epochs", "2", "--global-batch-size", "8", "--micro-batch-size", "4",
+         "--eval-instances", "6", "--max-new-tokens", "5", "--lr", "5e-3", "--eval-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run(model_dir, out, *extra):
+    train_sapo.main(["--model", model_dir, "--output-dir", str(out), *SMALL, *extra])
+    return json.loads((Path(out) / "R.json").read_text())
+
+
+def reload_and_score(model_dir, out, R):
+    """Load the final state with stock peft (PeftModel.from_pretrained + load_adapter) and re-evaluate every task."""
+    from accelerate import Accelerator
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import evaluate
+    from tasks.loaders import load_task
+
+    config = json.loads((out / "config.json").read_text())
+    task_dirs = sorted(p for p in out.iterdir() if p.is_dir() and p.name[0].isdigit() and p.name[0] != "0")
+    adapters = [str(d / "adapter") for d in task_dirs]
+    if config["method"] == "seq-lora":
+        adapters = adapters[-1:]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapters[0], adapter_name="a0")
+    for i, a in enumerate(adapters[1:], start=1):
+        peft_model.load_adapter(a, adapter_name=f"a{i}")
+    peft_model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    peft_model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    scores = []
+    for name, task_dir in zip(R["tasks"], task_dirs):
+        task = load_task(name, n_train=config["train_instances"])
+        instruction = json.loads((task_dir / "selection.json").read_text())["instruction"]
+        result = evaluate.evaluate_task(peft_model, tokenizer, task, instruction, Accelerator(),
+                                        max_instances=config["eval_instances"], batch_size=4,
+                                        max_new_tokens=config["max_new_tokens"], progress=False)
+        scores.append(result["rougeL"])
+    return scores
+
+
+@pytest.mark.parametrize("method,select", [("lora-inc", "sapo"), ("o-lora", "sapo"), ("seq-lora", "original"),
+                                           ("lora-inc", "original")])
+def test_end_to_end(model_dir, tmp_path, method, select):
+    out = tmp_path / "run"
+    R = run(model_dir, out, "--method", method, "--select", select)
+    assert R["tasks"] == ["sentiment", "count_words"]
+    assert len(R["rougeL"]) == 3 and all(len(row) == 2 for row in R["rougeL"])  # N+1 rows: zero-shot + 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("AP", "BWT", "FWT"):
+        assert isinstance(metrics[key], float)
+    assert metrics["AP"] == pytest.approx(sum(R["rougeL"][2]) / 2)
+    for k, name in enumerate(R["tasks"], start=1):
+        selection = json.loads((out / f"{k}-{name}" / "selection.json").read_text())
+        if select == "original":
+            assert selection["selected"] == 0 and len(selection["candidates"]) == 1
+        else:
+            scores = [c["score"] for c in selection["candidates"]]
+            assert len(scores) == 3 and selection["selected"] == scores.index(min(scores))
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == set(R["tasks"]) and all(t["training_seconds"] > 0 for t in timings.values())
+    # The saved adapters load with stock peft and give the run's final scores.
+    assert reload_and_score(model_dir, out, R) == pytest.approx(R["rougeL"][-1], abs=1e-9)
+    log = [json.loads(line) for line in (out / f"1-sentiment" / "train_log.jsonl").read_text().splitlines()]
+    if method == "o-lora":
+        assert log[0]["olora_orth"] == 0.0  # no earlier adapter on the first task
+        log2 = [json.loads(line) for line in (out / "2-count_words" / "train_log.jsonl").read_text().splitlines()]
+        assert all(r["olora_orth"] > 0 for r in log2)
+
+
+def test_resume_after_a_task_and_mid_training(model_dir, tmp_path, monkeypatch):
+    reference = run(model_dir, tmp_path / "full", "--checkpoint-every", "1")
+
+    # Stop after task 1: the second task's training is interrupted before it starts.
+    real_train = train_sapo.train_task
+    calls = {"n": 0}
+
+    def stop_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train_sapo, "train_task", stop_on_second)
+    with pytest.raises(SystemExit):
+        run(model_dir, tmp_path / "stopped", "--checkpoint-every", "1")
+    monkeypatch.setattr(train_sapo, "train_task", real_train)
+    assert (tmp_path / "stopped" / "1-sentiment" / "scores.json").exists()
+    assert not (tmp_path / "stopped" / "2-count_words" / "adapter").exists()
+    assert run(model_dir, tmp_path / "stopped", "--checkpoint-every", "1")["rougeL"] == reference["rougeL"]
+
+    # Stop in the middle of task 2's training, right after its first checkpoint.
+    real_save = train_sapo.save_checkpoint
+    seen = {"n": 0}
+
+    def stop_after_checkpoint(accelerator, checkpoint, step):
+        real_save(accelerator, checkpoint, step)
+        if "count_words" in str(checkpoint):
+            seen["n"] += 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sapo, "save_checkpoint", stop_after_checkpoint)
+    with pytest.raises(SystemExit):
+        run(model_dir, tmp_path / "mid", "--checkpoint-every", "1")
+    monkeypatch.setattr(train_sapo, "save_checkpoint", real_save)
+    assert seen["n"] == 1 and (tmp_path / "mid" / "2-count_words" / "checkpoint" / "sapo_step.json").exists()
+    resumed = run(model_dir, tmp_path / "mid", "--checkpoint-every", "1")
+    assert resumed["rougeL"] == reference["rougeL"]
+    log = (tmp_path / "mid" / "2-count_words" / "train_log.jsonl").read_text().splitlines()
+    full_log = (tmp_path / "full" / "2-count_words" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in log] == pytest.approx([json.loads(x)["loss"] for x in full_log], rel=1e-5)
+
+
+def test_changed_config_is_refused_then_overwrite_moves_it_aside(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(model_dir, out, "--select", "original", "--sequence", "sentiment")
+    before = (out / "R.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        run(model_dir, out, "--select", "original", "--sequence", "sentiment", "--lr", "1e-3")
+    assert e.value.code == 2
+    assert "holds a run with another config (lr differ)" in capsys.readouterr().err
+    assert (out / "R.json").read_text() == before  # nothing finished was touched
+    run(model_dir, out, "--select", "original", "--sequence", "sentiment", "--lr", "1e-3", "--overwrite")
+    backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(backups) == 1 and (backups[0] / "R.json").read_text() == before
+
+
+def test_olora_penalty_matches_hand_computation():
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.models import activate_adapters
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config, adapter_name="task1")
+    peft_model.add_adapter("task2", config)
+    peft_model.add_adapter("task3", config)
+    activate_adapters(peft_model, ["task1", "task2", "task3"], trainable="task3")
+    expected_orth, expected_l2 = 0.0, 0.0
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+            a_new = proj.lora_A["task3"].weight.double()
+            for prev in ("task1", "task2"):
+                a_prev = proj.lora_A[prev].weight.double()
+                for i in range(a_prev.shape[0]):
+                    for j in range(a_new.shape[0]):
+                        expected_orth += abs(float(a_prev[i] @ a_new[j]))
+            expected_l2 += float(a_new.norm()) + float(proj.lora_B["task3"].weight.double().norm())
+    total, orth = train_sapo.olora_penalty(peft_model, "task3", ["task1", "task2"], 0.5, 0.1)
+    assert float(orth) == pytest.approx(expected_orth, rel=1e-5)
+    assert float(total) == pytest.approx(0.5 * expected_orth + 0.1 * expected_l2, rel=1e-5)
+    first_total, first_orth = train_sapo.olora_penalty(peft_model, "task1", [], 0.5, 0.0)
+    assert float(first_total) == 0.0 and float(first_orth) == 0.0
+    total.backward()  # the penalty trains only the new adapter
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["task3"].weight.grad is not None
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["task1"].weight.grad is None
+
+
+def test_learning_rate_schedule_follows_the_formula(model_dir, tmp_path):
+    out = tmp_path / "run"
+    run(model_dir, out, "--select", "original", "--sequence", "sentiment", "--train-instances", "40",
+        "--epochs", "3", "--warmup-ratio", "0.2", "--lr", "1e-3")
+    log = [json.loads(line) for line in (out / "1-sentiment" / "train_log.jsonl").read_text().splitlines()]
+    total = 3 * math.ceil(40 / 8)
+    warmup = round(0.2 * total)
+    assert len(log) == total
+    for record in log:
+        s = record["step"] - 1  # 0-based optimizer step; its lr: linear warmup, then cosine to 0
+        expected = (1e-3 * (s + 1) / warmup if s < warmup else
+                    1e-3 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+        assert record["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_one_and_two_processes_agree(model_dir, tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    common = ["train_sapo.py", "--model", model_dir, *SMALL]
+    one = subprocess.run([accelerate, "launch", "--num_processes", "1", *common, "--output-dir", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+                          *common, "--output-dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "one" / "R.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "R.json").read_text())
+    for k, name in enumerate(r1["tasks"], start=1):
+        s1 = json.loads((tmp_path / "one" / f"{k}-{name}" / "selection.json").read_text())
+        s2 = json.loads((tmp_path / "two" / f"{k}-{name}" / "selection.json").read_text())
+        assert s1["selected"] == s2["selected"]
+        assert [c["score"] for c in s1["candidates"]] == pytest.approx([c["score"] for c in s2["candidates"]],
+                                                                       rel=1e-5)
+    assert r1["rougeL"] == pytest.approx(r2["rougeL"], abs=1e-6)
+    l1 = (tmp_path / "one" / "2-count_words" / "train_log.jsonl").read_text().splitlines()
+    l2 = (tmp_path / "two" / "2-count_words" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in l1] == pytest.approx([json.loads(x)["loss"] for x in l2], rel=1e-4)
