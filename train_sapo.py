@@ -234,7 +234,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     checkpoint = task_dir / "checkpoint"
     start_step = 0
     if (checkpoint / "sapo_step.json").exists():
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), strict=False)
         start_step = json.loads((checkpoint / "sapo_step.json").read_text())["step"]
         for _ in range(start_step):  # the schedule is a function of the step alone: replay it
             scheduler.step()
@@ -314,6 +314,14 @@ def save_adapter(peft_model, name: str, adapter_dir: Path):
     shutil.rmtree(adapter_dir.parent / "checkpoint", ignore_errors=True)
 
 
+def keep_trainable_weights(models, weights, output_dir):
+    """save_state hook: checkpoint only the parameters being trained (the new adapter), not the frozen base model;
+    load_state(strict=False) puts them back. A checkpoint of an 8B model is then megabytes, not 16 GB."""
+    for i, model in enumerate(models):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+
 def save_checkpoint(accelerator, checkpoint: Path, step: int):
     """save_state into a fresh folder, then swap it in: a crash mid-save keeps the previous checkpoint."""
     tmp = checkpoint.with_name(checkpoint.name + ".tmp")
@@ -372,6 +380,7 @@ def main(argv=None):
     import score_prompts
 
     accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
     progress = accelerator.is_local_main_process
     set_seed(config.seed)
 

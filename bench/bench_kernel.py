@@ -1,0 +1,327 @@
+"""Benchmark the fused LM head + per-segment NLL (kernels.segment_nll) against the usual ways of computing it.
+
+    python bench/bench_kernel.py            # GPU: 3 real heads x 4k/16k/64k scored rows x response fraction 1.0/0.1
+    python bench/bench_kernel.py --cpu      # CPU (also the fallback without CUDA): PyTorch providers, small sizes
+    python bench/bench_kernel.py --out my.csv --heads qwen3-8b --rows 16384 --fractions 0.1
+
+A script, not a test: it prints a table and writes a CSV (default bench/results/kernel_<device>.csv); it never
+passes or fails on timings.
+
+The batch mimics a packed scoring batch: sequences of SEQ_LEN tokens, each a prompt followed by a response holding
+`fraction` of its tokens. Only response tokens are scored (R rows, listed in row_index); each sequence is one segment,
+and segments are dealt round-robin to NUM_CANDIDATES candidates (segment s -> candidate s % NUM_CANDIDATES), whose
+score is the mean over their segments of the per-segment mean NLL, lower is better.
+
+Providers, all on the same tensors:
+  naive          torch.mm over all T rows, .float(), F.cross_entropy(reduction='none', ignore_index), index_add_
+  torch_chunked  kernels.segment_nll_torch with row_index (ours, PyTorch path)
+  liger_flce     liger-kernel LigerFusedLinearCrossEntropyLoss(reduction='none') over all T rows, then index_add_
+  cce            cut-cross-entropy linear_cross_entropy(reduction='none') over all T rows, then index_add_
+  ours_triton    kernels.segment_nll_triton with row_index
+  mm_ceiling     bare torch.mm of the R scored rows (no softmax at all): the practical ceiling
+"naive", "liger_flce" and "cce" have no row index, so they get all T rows with the prompt targets set to ignore_index
+(CCE drops those rows itself, with a nonzero() host sync). TFLOP/s "useful" counts 2*R*H*V, "performed" counts the
+rows the provider actually multiplies.
+
+Columns: median ms (triton.testing.do_bench on GPU; median of time.perf_counter repeats on CPU), TFLOP/s useful and
+performed, peak extra memory (torch.cuda.max_memory_allocated above the inputs on GPU; not measured on CPU, where
+tracemalloc does not see torch's allocator), max |row NLL - float64 reference| over the scored rows, and whether the
+top-1 candidate matches the float64 ranking.
+"""
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import segment_nll_torch  # noqa: E402
+
+# ---- defaults -------------------------------------------------------------------------------------------------------
+GPU_HEADS = {"qwen3-0.6b": (1024, 151936), "llama-3.2-1b": (2048, 128256), "qwen3-8b": (4096, 151936)}
+CPU_HEADS = {"cpu-256x8k": (256, 8192), "smollm-135m": (576, 49152)}
+GPU_ROWS = [4096, 16384, 65536]
+CPU_ROWS = [512, 2048]
+FRACTIONS = [1.0, 0.1]
+SEQ_LEN = 512
+NUM_CANDIDATES = 8
+IGNORE = -100
+CPU_REPEATS = 3  # after the call that measured the errors (the warm-up)
+CPU_MAX_GFLOP = 200  # on CPU, skip a provider call performing more than this (naive at fraction 0.1 is 10x the work)
+
+
+# ---- environment ----------------------------------------------------------------------------------------------------
+def describe_device(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+def make_batch(R, fraction, H, V, dtype, device, seed=0):
+    """Packed batch with R scored (response) rows; see the module docstring."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    gd = torch.Generator(device=device).manual_seed(seed)  # the big tensors are drawn where they live
+    resp_len = max(1, round(fraction * SEQ_LEN))
+    n_seq = math.ceil(R / resp_len)
+    T = n_seq * SEQ_LEN
+    starts = torch.arange(n_seq) * SEQ_LEN + (SEQ_LEN - resp_len)  # response = the last resp_len tokens
+    row_index = (starts[:, None] + torch.arange(resp_len)[None, :]).reshape(-1)[:R]
+    seg_of_row = torch.arange(T) // SEQ_LEN
+    # logits with standard deviation ~2: a realistic spread of per-token NLLs around log(V)
+    hidden = torch.randn(T, H, generator=gd, device=device).to(dtype)
+    weight = (torch.randn(V, H, generator=gd, device=device) * (2.0 / math.sqrt(H))).to(dtype)
+    targets_full = torch.full((T,), IGNORE, dtype=torch.long)
+    targets_full[row_index] = torch.randint(0, V, (R,), generator=g)
+    b = dict(hidden=hidden, weight=weight, row_index=row_index, targets=targets_full[row_index],
+             segment_ids=seg_of_row[row_index], targets_full=targets_full, segment_ids_full=seg_of_row)
+    b = {k: v.to(device) for k, v in b.items()}
+    b.update(R=R, T=T, H=H, V=V, num_segments=n_seq)
+    return b
+
+
+@torch.no_grad()
+def reference_row_nll(b, chunk_rows=1024, chunk_vocab=16384):
+    """float64 NLL of the scored rows, chunked so that it fits at any size."""
+    hidden, weight, row_index, targets = b["hidden"], b["weight"], b["row_index"], b["targets"]
+    out = torch.empty(b["R"], dtype=torch.float64, device=hidden.device)
+    for r0 in range(0, b["R"], chunk_rows):
+        h = hidden[row_index[r0:r0 + chunk_rows]].double()
+        t = targets[r0:r0 + chunk_rows]
+        lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float64, device=h.device)
+        z_t = (h * weight[t].double()).sum(1)
+        for v0 in range(0, b["V"], chunk_vocab):
+            lse = torch.logaddexp(lse, torch.logsumexp(h @ weight[v0:v0 + chunk_vocab].double().T, dim=1))
+        out[r0:r0 + chunk_rows] = lse - z_t
+    return out
+
+
+def top1_candidate(sum_nll, count):
+    """Candidate with the lowest mean (over its segments) per-segment mean NLL."""
+    seg_mean = sum_nll.double() / count.clamp(min=1).double()
+    cand = torch.arange(seg_mean.numel(), device=seg_mean.device) % NUM_CANDIDATES
+    score = torch.zeros(NUM_CANDIDATES, dtype=torch.float64, device=seg_mean.device).index_add_(0, cand, seg_mean)
+    n = torch.bincount(cand, minlength=NUM_CANDIDATES).clamp(min=1)
+    return int(torch.argmin(score / n))
+
+
+# ---- providers: each returns (sum_nll [S], count [S], row_nll over the scored rows [R]) or None -----------------------
+def segment_reduce_full(loss_full, b):
+    """index_add_ per segment of a loss over all T rows (zeros on ignored rows), as a user of a plain CE would."""
+    loss_full = loss_full.float()
+    sum_nll = torch.zeros(b["num_segments"], dtype=torch.float32, device=loss_full.device)
+    sum_nll.index_add_(0, b["segment_ids_full"], loss_full)
+    count = torch.zeros(b["num_segments"], dtype=torch.long, device=loss_full.device)
+    count.index_add_(0, b["segment_ids_full"], (b["targets_full"] != IGNORE).long())
+    return sum_nll, count, loss_full[b["row_index"]]
+
+
+def run_naive(b):
+    logits = torch.mm(b["hidden"], b["weight"].T).float()
+    loss = F.cross_entropy(logits, b["targets_full"], reduction="none", ignore_index=IGNORE)
+    return segment_reduce_full(loss, b)
+
+
+def run_torch_chunked(b):
+    return segment_nll_torch(b["hidden"], b["weight"], b["targets"], b["segment_ids"], b["num_segments"],
+                             row_index=b["row_index"], return_row_nll=True)
+
+
+def run_ours_triton(b):
+    from kernels import segment_nll_triton
+    return segment_nll_triton(b["hidden"], b["weight"], b["targets"], b["segment_ids"], b["num_segments"],
+                              row_index=b["row_index"], return_row_nll=True)
+
+
+def make_liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")
+
+    def run(b):
+        loss = loss_fn(b["weight"], b["hidden"], b["targets_full"])
+        if isinstance(loss, tuple):  # newer versions may return (loss, z_loss)
+            loss = loss[0]
+        return segment_reduce_full(loss, b)
+    return run
+
+
+def make_cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    def run(b):
+        loss = linear_cross_entropy(b["hidden"], b["weight"], b["targets_full"], ignore_index=IGNORE,
+                                    reduction="none")
+        return segment_reduce_full(loss, b)
+    return run
+
+
+def run_mm_ceiling(b):
+    torch.mm(b["hidden"][b["row_index"]], b["weight"].T)
+    return None
+
+
+def providers(device):
+    """name -> (fn, rows it multiplies: 'R' or 'T'), with optional ones skipped (and said so) when unavailable."""
+    out = {"naive": (run_naive, "T"), "torch_chunked": (run_torch_chunked, "R")}
+    if device.type == "cuda":
+        for name, make in (("liger_flce", make_liger), ("cce", make_cce)):
+            try:
+                out[name] = (make(), "T")
+            except ImportError as e:
+                print(f"[skip] {name}: not installed ({e.name or e})")
+        out["ours_triton"] = (run_ours_triton, "R")
+    else:
+        print("[skip] liger_flce, cce, ours_triton: CUDA only (the Triton interpreter is far too slow to time)")
+    out["mm_ceiling"] = (run_mm_ceiling, "R")
+    return out
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------------
+def time_ms(fn, device):
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    # no separate warm-up: every provider has just run once for the error columns
+    times = []
+    for _ in range(CPU_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def peak_extra_mib(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def fmt(value, width, spec):
+    return format("-" if value is None else format(value, spec), f">{width}")
+
+
+# ---- main -----------------------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="run on CPU (default when CUDA is unavailable)")
+    ap.add_argument("--out", default=None, help="CSV path (default bench/results/kernel_<device>.csv)")
+    ap.add_argument("--heads", default=None, help="comma-separated head names (default: all for the device)")
+    ap.add_argument("--rows", default=None, help="comma-separated scored-row counts R")
+    ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="response fractions")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 GPU, fp32 CPU")
+    ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)  # forward-only scoring for every provider
+
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    on_gpu = device.type == "cuda"
+    heads = GPU_HEADS if on_gpu else CPU_HEADS
+    if args.heads:
+        all_heads = {**GPU_HEADS, **CPU_HEADS}
+        heads = {name: all_heads[name] for name in args.heads.split(",")}
+    rows = [int(x) for x in args.rows.split(",")] if args.rows else (GPU_ROWS if on_gpu else CPU_ROWS)
+    fractions = [float(x) for x in args.fractions.split(",")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if on_gpu else "fp32")]
+    device_name = describe_device(device)
+    tag = "cpu" if not on_gpu else device_name.lower().replace("nvidia ", "").split()[0].replace("/", "-")
+    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernel_{tag}.csv")
+
+    meta = dict(device=device_name, torch=torch.__version__, triton=triton_version(), commit=git_commit(),
+                dtype=str(dtype).replace("torch.", ""))
+    print(" | ".join(f"{k}: {v}" for k, v in meta.items()))
+    provs = providers(device)
+    if args.providers:
+        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
+
+    header = ["head", "H", "V", "R", "fraction", "T", "provider", "rows_computed", "ms", "tflops_useful",
+              "tflops_performed", "peak_extra_mib", "max_abs_err", "top1_agree", "status"]
+    print(f"{'head':<13}{'R':>7}{'frac':>6}{'provider':>15}{'ms':>10}{'TF/s use':>10}{'TF/s perf':>10}"
+          f"{'MiB':>9}{'max err':>10}{'top1':>6}  status")
+    records = []
+    for head, (H, V) in heads.items():
+        for R in rows:
+            for fraction in fractions:
+                b = make_batch(R, fraction, H, V, dtype, device, seed=args.seed)
+                ref_nll = reference_row_nll(b)
+                ref_sum = torch.zeros(b["num_segments"], dtype=torch.float64, device=device)
+                ref_sum.index_add_(0, b["segment_ids"], ref_nll)
+                ref_count = torch.bincount(b["segment_ids"], minlength=b["num_segments"])
+                ref_top1 = top1_candidate(ref_sum, ref_count)
+                for name, (fn, which_rows) in provs.items():
+                    n_rows = R if which_rows == "R" else b["T"]
+                    rec = dict(head=head, H=H, V=V, R=R, fraction=fraction, T=b["T"], provider=name,
+                               rows_computed=n_rows, ms=None, tflops_useful=None, tflops_performed=None,
+                               peak_extra_mib=None, max_abs_err=None, top1_agree=None, status="ok")
+                    if not on_gpu and 2 * n_rows * H * V / 1e9 > CPU_MAX_GFLOP:
+                        rec["status"] = f"skipped: > {CPU_MAX_GFLOP} GFLOP on CPU"
+                    else:
+                        try:
+                            result = fn(b)
+                            if result is not None:
+                                sum_nll, count, row_nll = result
+                                rec["max_abs_err"] = (row_nll.double() - ref_nll).abs().max().item()
+                                rec["top1_agree"] = int(top1_candidate(sum_nll, count) == ref_top1)
+                            rec["peak_extra_mib"] = peak_extra_mib(lambda: fn(b), device)
+                            rec["ms"] = time_ms(lambda: fn(b), device)
+                            rec["tflops_useful"] = 2 * R * H * V / (rec["ms"] * 1e-3) / 1e12
+                            rec["tflops_performed"] = 2 * n_rows * H * V / (rec["ms"] * 1e-3) / 1e12
+                        except torch.OutOfMemoryError:
+                            rec["status"] = "OOM"
+                            torch.cuda.empty_cache()
+                    records.append(rec)
+                    print(f"{head:<13}{R:>7}{fraction:>6}{name:>15}{fmt(rec['ms'], 10, '.2f')}"
+                          f"{fmt(rec['tflops_useful'], 10, '.3f')}{fmt(rec['tflops_performed'], 10, '.3f')}"
+                          f"{fmt(rec['peak_extra_mib'], 9, '.0f')}{fmt(rec['max_abs_err'], 10, '.2e')}"
+                          f"{fmt(rec['top1_agree'], 6, 'd')}  {rec['status']}", flush=True)
+                del b, ref_nll
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(meta) + header)
+        w.writeheader()
+        for rec in records:
+            w.writerow({**meta, **rec})
+    print(f"wrote {out_path}" + ("" if on_gpu else "  (CPU figures: PyTorch providers only, peak memory not measured)"))
+
+
+if __name__ == "__main__":
+    main()
