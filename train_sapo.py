@@ -71,6 +71,8 @@ class Config:
     eval_batch_size: int = 16
     max_new_tokens: int = 128
     score_token_budget: int = 16384
+    reselect_every: int = 0  # optimizer steps between mid-task re-selections against the current weights; 0 = off
+    reselect_top: int | None = None  # re-score only the best K candidates of the first selection (None = all)
     checkpoint_every: int = 0  # optimizer steps between training checkpoints; 0 = once per epoch
     seed: int = 42
     builtin_seed: int = 0  # seed of the built-in task generator
@@ -163,11 +165,14 @@ def global_batches(num_instances: int, global_batch_size: int, epochs: int, seed
     return steps
 
 
-def micro_batches(batch: list[int], num_slots: int, rank: int, world: int) -> list[list[int]]:
-    """This process's share of one global batch: slot s (of world x accumulation slots) gets every num_slots-th
-    instance; process r takes slots r, r + world, ... An empty slot (short last batch) stays empty and is run as a
-    zero-weight step so every process makes the same number of backward passes."""
-    slots = [batch[s::num_slots] for s in range(num_slots)]
+def micro_batches(batch: list[int], num_slots: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
+    """This process's share of one global batch, as (slot, instances) pairs.
+
+    The global batch is dealt into num_slots = global batch / micro batch slots (slot s gets every num_slots-th
+    instance), a number that does not depend on the process count; process r takes slots r, r + world, ... An empty
+    slot (short last batch) stays empty and is run as a zero-weight step so every process does the same backward passes.
+    """
+    slots = [(s, batch[s::num_slots]) for s in range(num_slots)]
     return slots[rank::world]
 
 
@@ -206,7 +211,38 @@ def encode_training_set(tokenizer, task, instruction, instances, config):
             for inst in instances]
 
 
-def train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress):
+class Reselector:
+    """State-adaptive re-selection during training: every `reselect_every` steps, re-score a shortlist of candidates
+    against the weights being trained and switch the training instruction when another one has the lowest loss.
+    Every re-scoring is logged (step, scores, choice, seconds) and its time counts as selection overhead."""
+
+    def __init__(self, accelerator, tokenizer, task, shortlist, instances, instruction, config, encode):
+        self.accelerator, self.tokenizer, self.task = accelerator, tokenizer, task
+        self.shortlist, self.instances, self.config, self.encode = shortlist, instances, config, encode
+        self.current, self.events, self.seconds = instruction, [], 0.0
+
+    def __call__(self, model, step):
+        """Re-score with `model` (the transformers model, LoRA layers inside); new encoded data if switching."""
+        import score_prompts
+
+        start = time.perf_counter()
+        result = score_prompts.score_candidates(
+            model, self.tokenizer, self.task, self.shortlist, self.instances, self.accelerator,
+            token_budget=self.config.score_token_budget,
+            max_length=self.config.max_source_length + self.config.max_target_length, progress=False)
+        best = self.shortlist[result["selected"]]
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.events.append({"step": step, "selected_instruction": best, "switched": best != self.current,
+                            "scores": [c["score"] for c in result["candidates"]], "seconds": seconds})
+        if best == self.current:
+            return None
+        self.accelerator.print(f"  step {step}: switching the training instruction to {best[:80]!r}")
+        self.current = best
+        return self.encode(best)
+
+
+def train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress, reselect=None):
     """Train adapter `name` of `peft_model` on the encoded instances; resumable from task_dir/checkpoint."""
     from tqdm.auto import tqdm
 
@@ -235,7 +271,11 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     start_step = 0
     if (checkpoint / "sapo_step.json").exists():
         accelerator.load_state(str(checkpoint), strict=False)
-        start_step = json.loads((checkpoint / "sapo_step.json").read_text())["step"]
+        saved = json.loads((checkpoint / "sapo_step.json").read_text())
+        start_step = saved["step"]
+        if reselect is not None and saved.get("instruction", reselect.current) != reselect.current:
+            reselect.current, reselect.events = saved["instruction"], saved["reselections"]
+            encoded = reselect.encode(reselect.current)
         for _ in range(start_step):  # the schedule is a function of the step alone: replay it
             scheduler.step()
         accelerator.print(f"resuming training of {task_dir.name} at step {start_step}/{total_steps}")
@@ -252,9 +292,11 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         total_tokens = sum(sum(t != IGNORE_INDEX for t in encoded[i].labels[1:]) for i in batch)
         step_nll = torch.zeros((), device=accelerator.device)
         penalty_value = torch.zeros((), device=accelerator.device)
-        for micro in micro_batches(batch, accumulation * world, rank, world):
+        for slot, micro in micro_batches(batch, accumulation * world, rank, world):
             weight = 1.0 if micro else 0.0
             micro = micro or batch[:1]  # an empty slot runs a real sequence at zero weight to keep processes in step
+            # Dropout masks seeded by (seed, step, slot): the same masks on any number of processes, and after a resume.
+            torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + slot)
             with accelerator.accumulate(model):
                 input_ids = pad_batch([encoded[i].input_ids for i in micro], pad_id).to(accelerator.device)
                 labels = pad_batch([encoded[i].labels for i in micro], IGNORE_INDEX).to(accelerator.device)
@@ -288,8 +330,12 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if reselect is not None and config.reselect_every and (step + 1) % config.reselect_every == 0 \
+                and step + 1 < total_steps:
+            encoded = reselect(accelerator.unwrap_model(model).get_base_model(), step + 1) or encoded
         if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            save_checkpoint(accelerator, checkpoint, step + 1)
+            extra = {"instruction": reselect.current, "reselections": reselect.events} if reselect else {}
+            save_checkpoint(accelerator, checkpoint, step + 1, extra)
     bar.close()
     model.eval()
     accelerator.wait_for_everyone()
@@ -322,7 +368,7 @@ def keep_trainable_weights(models, weights, output_dir):
         weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
 
 
-def save_checkpoint(accelerator, checkpoint: Path, step: int):
+def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
     """save_state into a fresh folder, then swap it in: a crash mid-save keeps the previous checkpoint."""
     tmp = checkpoint.with_name(checkpoint.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -331,7 +377,7 @@ def save_checkpoint(accelerator, checkpoint: Path, step: int):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "sapo_step.json").write_text(json.dumps({"step": step}))
+        (tmp / "sapo_step.json").write_text(json.dumps({"step": step, **(extra or {})}))
         if checkpoint.exists():
             shutil.rmtree(checkpoint)
         os.replace(tmp, checkpoint)
@@ -453,7 +499,8 @@ def main(argv=None):
 
         finished = read_json_if(task_dir / "scores.json")
         if finished is not None:  # resumed run: this task is done, take its results as they are
-            selected[task.name] = read_json_if(task_dir / "selection.json")["instruction"]
+            done_selection = read_json_if(task_dir / "selection.json")
+            selected[task.name] = done_selection.get("final_instruction", done_selection["instruction"])
             adapter_dirs = next_stack(adapter_dirs, adapter_dir, config)
             add_row(finished)
             continue
@@ -486,7 +533,6 @@ def main(argv=None):
             if accelerator.is_main_process:
                 write_json(task_dir / "selection.json", selection)
             accelerator.wait_for_everyone()
-        record["selection_seconds"] = selection["seconds"]
         selected[task.name] = selection["instruction"]
         accelerator.print(f"[{k + 1}/{len(tasks)}] {task.name}: training with candidate {selection['selected']} of "
                           f"{len(selection['candidates'])}: {selection['instruction'][:90]!r}")
@@ -504,11 +550,27 @@ def main(argv=None):
             elif name not in peft_model.peft_config:
                 peft_model.add_adapter(name, lora)
             activate_adapters(peft_model, previous + [name], trainable=name)
-            encoded = encode_training_set(tokenizer, task, selection["instruction"],
-                                          task.split(split)[:config.train_instances], config)
+            train_instances = task.split(split)[:config.train_instances]
+            encoded = encode_training_set(tokenizer, task, selection["instruction"], train_instances, config)
+            reselect = None
+            if config.reselect_every and config.select == "sapo" and len(selection["candidates"]) > 1:
+                ranked = sorted(selection["candidates"], key=lambda c: (c["score"], c["index"]))
+                shortlist = [c["instruction"] for c in ranked[:config.reselect_top or len(ranked)]]
+                reselect = Reselector(accelerator, tokenizer, task, shortlist,
+                                      task.split(split)[:config.score_instances], selection["instruction"], config,
+                                      lambda text: encode_training_set(tokenizer, task, text, train_instances, config))
             start = time.perf_counter()
-            peft_model, info = train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress)
-            record.update(info, training_seconds=time.perf_counter() - start + record.get("training_seconds", 0.0))
+            peft_model, info = train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress,
+                                          reselect)
+            # Re-selection time is selection overhead, not training time.
+            reselect_seconds = reselect.seconds if reselect else 0.0
+            record.update(info, training_seconds=time.perf_counter() - start - reselect_seconds
+                          + record.get("training_seconds", 0.0))
+            if reselect is not None:
+                record["reselection_seconds"] = reselect_seconds
+                selection.update(reselections=reselect.events, final_instruction=reselect.current)
+                if accelerator.is_main_process:
+                    write_json(task_dir / "selection.json", selection)
             if accelerator.is_main_process:
                 save_adapter(peft_model, name, adapter_dir)
             accelerator.wait_for_everyone()
@@ -525,8 +587,11 @@ def main(argv=None):
                 os.path.relpath(a, task_dir) for a in adapter_dirs]})
 
         # 3. Evaluate every task of the sequence: row k+1 of R.
+        # Evaluation uses the instruction training ended with (re-selection may have switched it).
+        selected[task.name] = selection.get("final_instruction", selection["instruction"])
         row = eval_row(f"after {task.name}", task_dir, instruction_of)
         record["evaluation_seconds"] = row["seconds"]
+        record["selection_seconds"] = selection["seconds"] + sum(e["seconds"] for e in selection.get("reselections", []))
         if record.get("training_seconds"):
             record["selection_overhead_pct"] = 100.0 * record["selection_seconds"] / record["training_seconds"]
         timings[task.name] = record
