@@ -126,8 +126,8 @@ def test_resume_after_a_task_and_mid_training(model_dir, tmp_path, monkeypatch):
     real_save = train_sapo.save_checkpoint
     seen = {"n": 0}
 
-    def stop_after_checkpoint(accelerator, checkpoint, step):
-        real_save(accelerator, checkpoint, step)
+    def stop_after_checkpoint(accelerator, checkpoint, step, extra=None):
+        real_save(accelerator, checkpoint, step, extra)
         if "count_words" in str(checkpoint):
             seen["n"] += 1
             raise KeyboardInterrupt
