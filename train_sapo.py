@@ -3,6 +3,7 @@ pre-update loss, train a new LoRA with it, evaluate every task of the sequence.
 
     accelerate launch train_sapo.py                                   # the offline demo (SmolLM2-135M, CPU is fine)
     accelerate launch train_sapo.py --preset paper --model Qwen/Qwen3-8B --data-dir ../shared/data/superni
+    accelerate launch train_sapo.py --select sapo-race ...     # racing selection: a fraction of the scoring tokens
     accelerate launch --num_processes 8 train_sapo.py --preset paper ...        # several GPUs (DDP)
     accelerate launch --config_file fsdp.yaml train_sapo.py ...                 # FSDP / DeepSpeed via accelerate configs
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_sapo.py ...   # 2 processes on CPU
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,11 +44,13 @@ class Config:
     sequence: str = "demo"  # built-in name, real-data name (ni_seq_c1, ...), or comma-separated task names
     data_dir: str | None = None  # SAPO-layout directory; None = built-in tasks
     method: str = "lora-inc"  # lora-inc | o-lora | seq-lora
-    select: str = "sapo"  # sapo | original
+    select: str = "sapo"  # sapo | sapo-race (racing: score_prompts.race_candidates) | original
     candidates: str | None = None  # JSON file of candidate instructions (task -> list); None = built-in pools
     generate: int = 0  # paraphrases to generate with a local chat model instead of a pool (see score_prompts.py)
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
     score_instances: int = 250
+    race_first: int = 8  # sapo-race: instances of the first round (then x2 per round up to score_instances)
+    race_confidence: float = 0.95  # sapo-race: confidence that the best candidate survives; 1.0 = never eliminate
     train_instances: int = 1000
     train_on_dev_if_missing: bool = False  # a task without a train split trains (and is scored) on dev, logged
     epochs: int = 10
@@ -114,7 +118,9 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     values.update(given)
     config = Config(**values)
     checks = [(config.method in ("lora-inc", "o-lora", "seq-lora"), f"--method {config.method}"),
-              (config.select in ("sapo", "original"), f"--select {config.select}"),
+              (config.select in ("sapo", "sapo-race", "original"), f"--select {config.select}"),
+              (config.race_first >= 1, f"--race-first {config.race_first}"),
+              (0.0 < config.race_confidence <= 1.0, f"--race-confidence {config.race_confidence}"),
               (config.eval_prompt in ("selected", "original"), f"--eval-prompt {config.eval_prompt}"),
               (config.schedule in ("cosine", "linear", "constant"), f"--schedule {config.schedule}")]
     for ok, what in checks:
@@ -226,7 +232,11 @@ class Reselector:
         import score_prompts
 
         start = time.perf_counter()
-        result = score_prompts.score_candidates(
+        score = score_prompts.score_candidates
+        if self.config.select == "sapo-race":
+            score = functools.partial(score_prompts.race_candidates, first=self.config.race_first,
+                                      confidence=self.config.race_confidence)
+        result = score(
             model, self.tokenizer, self.task, self.shortlist, self.instances, self.accelerator,
             token_budget=self.config.score_token_budget,
             max_length=self.config.max_source_length + self.config.max_target_length, progress=False)
@@ -440,6 +450,8 @@ def main(argv=None):
             accelerator.print(f"note: {task.name} has no train split; training and scoring on its dev split")
         task.split(split)  # raises a clear error for a missing or empty split
         task.split(config.eval_split)
+        if config.select != "original" and not config.generate:
+            candidate_pool(task, config.candidates, config.max_candidates)  # a bad pool fails now, not hours later
     run_dir = prepare_run_dir(config, overwrite, accelerator)
     if config.report_to:
         accelerator.init_trackers("sapo", config={k: v for k, v in dataclasses.asdict(config).items()
@@ -512,14 +524,18 @@ def main(argv=None):
         selection = read_json_if(task_dir / "selection.json")
         if selection is None:
             pool = [task.instruction]
-            if config.select == "sapo" and config.generate:
+            if config.select in ("sapo", "sapo-race") and config.generate:
                 pool = score_prompts.generate_paraphrases(task, config.generate, model, tokenizer, seed=config.seed,
                                                           cache_path=task_dir / "paraphrases.json")
-            elif config.select == "sapo":
+            elif config.select in ("sapo", "sapo-race"):
                 pool = candidate_pool(task, config.candidates, config.max_candidates)
             start = time.perf_counter()
+            score = score_prompts.score_candidates
+            if config.select == "sapo-race":  # the same pool, scored by racing
+                score = functools.partial(score_prompts.race_candidates, first=config.race_first,
+                                          confidence=config.race_confidence)
             if len(pool) > 1:
-                result = score_prompts.score_candidates(
+                result = score(
                     model, tokenizer, task, pool, task.split(split)[:config.score_instances], accelerator,
                     token_budget=config.score_token_budget,
                     max_length=config.max_source_length + config.max_target_length,
@@ -530,6 +546,8 @@ def main(argv=None):
             selection = {"task": task.name, "select": config.select, "selected": result["selected"],
                          "instruction": pool[result["selected"]], "original": task.instruction, "split": split,
                          "seconds": time.perf_counter() - start, "candidates": result["candidates"]}
+            if "rounds" in result:  # racing: what was scored in each round, and what it saved
+                selection.update({k: result[k] for k in ("rounds", "tokens_scored", "exhaustive_tokens")})
             if accelerator.is_main_process:
                 write_json(task_dir / "selection.json", selection)
             accelerator.wait_for_everyone()
@@ -553,8 +571,10 @@ def main(argv=None):
             train_instances = task.split(split)[:config.train_instances]
             encoded = encode_training_set(tokenizer, task, selection["instruction"], train_instances, config)
             reselect = None
-            if config.reselect_every and config.select == "sapo" and len(selection["candidates"]) > 1:
-                ranked = sorted(selection["candidates"], key=lambda c: (c["score"], c["index"]))
+            if config.reselect_every and config.select in ("sapo", "sapo-race") and len(selection["candidates"]) > 1:
+                # Racing: the candidates that lasted longest first (their scores cover more instances).
+                ranked = sorted(selection["candidates"],
+                                key=lambda c: (-c.get("num_instances_scored", 0), c["score"], c["index"]))
                 shortlist = [c["instruction"] for c in ranked[:config.reselect_top or len(ranked)]]
                 reselect = Reselector(accelerator, tokenizer, task, shortlist,
                                       task.split(split)[:config.score_instances], selection["instruction"], config,
