@@ -49,13 +49,13 @@ import math
 import os
 import re
 import string
-import tempfile
 import unicodedata
 from pathlib import Path
 
 import torch
 
 from tasks.errors import SapoError, cli_main
+from tasks.loaders import write_text_atomic
 from tasks.prompts import encode_prompt, pad_batch, render_prompt, render_response
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
@@ -197,17 +197,6 @@ def score_lang(instances) -> str:
 # One task
 
 
-def write_atomic(path, text: str):
-    """Write to a temporary file next to `path`, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
-    os.replace(tmp, path)
-
-
 def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
                   max_new_tokens=128, max_prompt_tokens=1536, predictions_path=None, lang="en", progress=True) -> dict:
     """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`.
@@ -225,7 +214,7 @@ def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="te
                 "rougeL": rouge_l(answer, inst.outputs, lang), "exact_match": exact_match(answer, inst.outputs)}
                for inst, answer in zip(instances, answers)]
     if predictions_path is not None and accelerator.is_main_process:
-        write_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return {"rougeL": sum(r["rougeL"] for r in records) / len(records),
             "exact_match": sum(r["exact_match"] for r in records) / len(records),
             "num_instances": len(records)}
@@ -366,10 +355,10 @@ def write_report(run_dir, metric="rougeL") -> dict:
     metrics = {"metric": metric, **cl_metrics(R), "tasks": tasks,
                "other": {s: cl_metrics(run[s]) for s in SCORES if s in run and s != metric}}
     run_dir = Path(run_dir)
-    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_atomic(run_dir / "R.csv", _csv(labels, tasks, R))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(run_dir / "R.csv", _csv(labels, tasks, R))
     for s in metrics["other"]:
-        write_atomic(run_dir / f"R_{s}.csv", _csv(labels, tasks, run[s]))
+        write_text_atomic(run_dir / f"R_{s}.csv", _csv(labels, tasks, run[s]))
     try:
         plot_heatmap(R, tasks, labels, run_dir / "R.png", f"{run_dir.name}: {metric}")
     except ImportError:
@@ -505,7 +494,7 @@ def run_main(args):
                    "tasks": [r["task"] for r in results],
                    "rougeL": [r["rougeL"] for r in results], "exact_match": [r["exact_match"] for r in results],
                    "results": results}
-        write_atomic(Path(args.output_dir) / "scores.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(Path(args.output_dir) / "scores.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")
     accelerator.wait_for_everyone()
     return results

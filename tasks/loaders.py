@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from tasks.core import SPLITS, Instance, Sequence, Task
@@ -36,6 +37,27 @@ def read_json(path) -> object:
         raise SapoError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
     except UnicodeDecodeError as e:
         raise SapoError(f"{path} is not UTF-8 text: {e.reason}") from None
+
+
+def write_text_atomic(path, text: str):
+    """Write to a temporary file next to `path`, then rename: a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj, indent: int = 2):
+    """JSON to `path`, atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def _check_dir(data_dir) -> Path:

@@ -24,7 +24,7 @@ def user_message(instruction: str, input_text: str, suffix: str) -> str:
     return instruction + "\n\nText:\n" + input_text + "\n\n" + suffix
 
 
-def _render(tokenizer, messages, add_generation_prompt):
+def render_chat(tokenizer, messages, add_generation_prompt):
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise SapoError(f"tokenizer {name!r} has no chat template; SAPO prompts are one chat turn "
@@ -40,14 +40,14 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def render_prompt(tokenizer, instruction: str, input_text: str, suffix: str) -> str:
     """The chat text up to and including the assistant header (what generation continues)."""
-    return _render(tokenizer, [{"role": "user", "content": user_message(instruction, input_text, suffix)}], True)
+    return render_chat(tokenizer, [{"role": "user", "content": user_message(instruction, input_text, suffix)}], True)
 
 
 def render_response(tokenizer, prompt_text: str, instruction: str, input_text: str, suffix: str, answer: str) -> str:
     """The chat text after the generation prompt: answer + end-of-turn markup."""
     messages = [{"role": "user", "content": user_message(instruction, input_text, suffix)},
                 {"role": "assistant", "content": answer}]
-    full = _render(tokenizer, messages, False)
+    full = render_chat(tokenizer, messages, False)
     if not full.startswith(prompt_text):
         raise SapoError("the chat template renders a finished conversation that does not start with its own "
                         "generation prompt; cannot tell which tokens are the response")
