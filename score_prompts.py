@@ -712,9 +712,9 @@ def parse_paraphrase(text: str, task=None) -> tuple[str | None, str | None]:
 
 
 def _sample_local(model, tokenizer, prompt: str, n: int, temperature: float, seed: int) -> list[str]:
-    from tasks.prompts import _render
+    from tasks.prompts import render_chat
 
-    text = _render(tokenizer, [{"role": "user", "content": prompt}], True)
+    text = render_chat(tokenizer, [{"role": "user", "content": prompt}], True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
