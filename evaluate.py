@@ -46,7 +46,6 @@ import functools
 import io
 import json
 import math
-import os
 import re
 import string
 import unicodedata

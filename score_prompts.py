@@ -39,7 +39,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 
 from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, instances_hash
 from tasks.candidates import candidate_pool, filter_candidates, load_candidates_file
+from tasks.loaders import write_json
 
 SCORE_VERSION = "sapo-score-v1"  # part of every cache key: bump it when the score's definition changes
 
@@ -124,25 +124,6 @@ def read_cache(path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         print(f"warning: ignoring unreadable cache {path} ({e})", file=sys.stderr)
         return {}
-
-
-def write_json_atomic(path, data) -> None:
-    """Write JSON to a temp file in the same directory, then rename: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -459,7 +440,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
                         cache[keys[c]] = {"task": task.name, "instruction": candidates[c], "state_id": state_id,
                                           "instance_sums": sums[c], "instance_counts": counts[c],
                                           "seconds": seconds[c]}
-                    write_json_atomic(cache_path, cache)
+                    write_json(cache_path, cache)
                 bar.update(len(gathered))
     finally:
         bar.close()
@@ -803,7 +784,7 @@ def generate_paraphrases(task, k, model, tokenizer, *, temperature=0.6, max_trie
         cache = read_cache(cache_path)
         cache[key] = {"task": task.name, "paraphraser": who, "temperature": temperature, "seed": seed,
                       "paraphrases": pool[1:]}
-        write_json_atomic(cache_path, cache)
+        write_json(cache_path, cache)
     if len(paraphrases) < k:
         reasons = sorted({p for _, p in rejected})
         raise SapoError(f"paraphrase generation for task {task.name} gave {len(paraphrases)} valid of {k} after "
@@ -937,7 +918,7 @@ def main(argv=None):
     result.update(model=args.model or "default", split=args.split)
     if accelerator.is_main_process:
         if args.output:
-            write_json_atomic(args.output, result)
+            write_json(args.output, result)
         print_table(result)
         if "rounds" in result:
             print_rounds(result)

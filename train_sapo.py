@@ -21,16 +21,15 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, pad_batch
 from tasks.candidates import candidate_pool
-from tasks.loaders import load_sequence, load_task
+from tasks.loaders import load_sequence, load_task, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, stack_adapters
 
@@ -131,15 +130,6 @@ def parse_config(argv=None) -> tuple[Config, bool]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers: atomic JSON files, the learning-rate schedule, batches that do not depend on the process count.
-
-def write_json(path, obj):
-    """Write through a temporary file and rename, so an interruption never leaves a half-written result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-
 
 def read_json_if(path):
     path = Path(path)

@@ -4,7 +4,6 @@ returned instance sums); its token counts add up; train_sapo and the CLI write t
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ the O-LoRA penalty, the learning-rate schedule, and 1 vs 2 processes."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +93,7 @@ def test_end_to_end(model_dir, tmp_path, method, select):
     assert set(timings) == set(R["tasks"]) and all(t["training_seconds"] > 0 for t in timings.values())
     # The saved adapters load with stock peft and give the run's final scores.
     assert reload_and_score(model_dir, out, R) == pytest.approx(R["rougeL"][-1], abs=1e-9)
-    log = [json.loads(line) for line in (out / f"1-sentiment" / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "1-sentiment" / "train_log.jsonl").read_text().splitlines()]
     if method == "o-lora":
         assert log[0]["olora_orth"] == 0.0  # no earlier adapter on the first task
         log2 = [json.loads(line) for line in (out / "2-count_words" / "train_log.jsonl").read_text().splitlines()]
