@@ -17,6 +17,8 @@ from tasks import IGNORE_INDEX, SapoError, encode_example
 from tasks.core import Instance, Task
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # One thread: the tiny models gain nothing from more, and OpenMP threads that spin-wait for each other slow down by
@@ -24,13 +26,6 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
        "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 INSTRUCTION = "Classify the sentiment of the review as positive or negative."
 CANDIDATES = [INSTRUCTION,

@@ -13,6 +13,8 @@ import torch
 import train_sapo
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--sequence", "sentiment,count_words", "--score-instances", "4", "--max-candidates", "3",
          "--train-instances", "12", "--epochs", "2", "--global-batch-size", "8", "--micro-batch-size", "4",
@@ -22,16 +24,6 @@ SMALL = ["--sequence", "sentiment,count_words", "--score-instances", "4", "--max
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def run(model_dir, out, *extra):
