@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,10 +49,10 @@ class Config:
     candidates: str | None = None  # JSON file of candidate instructions (task -> list); None = built-in pools
     generate: int = 0  # paraphrases to generate with a local chat model instead of a pool (see score_prompts.py)
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
-    score_instances: int = 250
+    score_instances: int = 250  # candidates are scored on the first N training instances
     race_first: int = 8  # sapo-race: instances of the first round (then x2 per round up to score_instances)
     race_confidence: float = 0.95  # sapo-race: confidence that the best candidate survives; 1.0 = never eliminate
-    train_instances: int = 1000
+    train_instances: int = 1000  # train on the first N training instances
     train_on_dev_if_missing: bool = False  # a task without a train split trains (and is scored) on dev, logged
     epochs: int = 10
     lr: float = 1e-4
@@ -102,13 +104,17 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh when the output dir holds a run with another config (the old one is "
                              "moved aside, not deleted)")
+    # --help text: each field's trailing comment in the Config source, plus its default.
+    comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         base_type = f.type.split("|")[0].strip()  # annotations are strings here ("int | None")
+        help_text = (comments.get(f.name, "") + f" (default: {f.default})").strip().replace("%", "%%")
         if base_type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(base_type, str), default=None)
+            parser.add_argument(flag, type={"int": int, "float": float}.get(base_type, str), default=None,
+                                help=help_text)
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     # No flags at all -> the demo preset; explicit flags override any preset value.
