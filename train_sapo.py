@@ -31,7 +31,7 @@ import torch
 
 from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, pad_batch
 from tasks.candidates import candidate_pool
-from tasks.loaders import load_sequence, load_task, write_json
+from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, stack_adapters
 
@@ -135,11 +135,11 @@ def parse_config(argv=None) -> tuple[Config, bool]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Small helpers: atomic JSON files, the learning-rate schedule, batches that do not depend on the process count.
+# Small helpers: run files, the learning-rate schedule, batches that do not depend on the process count.
 
 def read_json_if(path):
-    path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    """A run's own JSON file, or None before it is written (a damaged one is a one-line error naming it)."""
+    return read_json(path) if Path(path).exists() else None
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -277,7 +277,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     start_step = 0
     if (checkpoint / "sapo_step.json").exists():
         accelerator.load_state(str(checkpoint), strict=False)
-        saved = json.loads((checkpoint / "sapo_step.json").read_text())
+        saved = read_json(checkpoint / "sapo_step.json")
         start_step = saved["step"]
         if reselect is not None and saved.get("instruction", reselect.current) != reselect.current:
             reselect.current, reselect.events = saved["instruction"], saved["reselections"]

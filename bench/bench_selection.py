@@ -119,6 +119,12 @@ def replay_race(exhaustive, first, growth, confidence):
     return race
 
 
+def same_race(a, b) -> bool:
+    """Two races made the same choices: the same pick, the same eliminations in every round."""
+    return a["selected"] == b["selected"] and \
+        [r["eliminated"] for r in a["rounds"]] == [r["eliminated"] for r in b["rounds"]]
+
+
 def part_overhead(model, tokenizer, args):
     task = load_task(args.task, args.data_dir, seed=0, n_train=max(args.train_instances, args.score_instances))
     candidates = (candidate_pool(task, max_candidates=args.candidates) if task.paraphrases
@@ -166,8 +172,7 @@ def part_overhead(model, tokenizer, args):
                               for r in race["rounds"]],
                    "gap_pct": 100 * (ex_scores[race["selected"]] - min(ex_scores)) / min(ex_scores),
                    "replay_selected": replay["selected"],
-                   "replay_matches_live": replay["selected"] == race["selected"]
-                   and [r["eliminated"] for r in replay["rounds"]] == [r["eliminated"] for r in race["rounds"]]},
+                   "replay_matches_live": same_race(replay, race)},
         "speedup_exhaustive_vs_naive": naive_seconds / ours_seconds,
         "max_abs_score_diff_naive_vs_ours": max(abs(n[1] - s) for n, s in zip(naive, ex_scores)),
     }
@@ -215,8 +220,7 @@ def part_agreement(model, tokenizer, args):
                     "racing_seconds": sum(c["seconds"] for c in race["candidates"]),
                     "exhaustive_tokens_forwarded": exhaustive["tokens_forwarded"],
                     "racing_tokens_forwarded": race["tokens_forwarded"],
-                    "replay_matches_live": replay["selected"] == race["selected"]
-                    and [r["eliminated"] for r in replay["rounds"]] == [r["eliminated"] for r in race["rounds"]]}
+                    "replay_matches_live": same_race(replay, race)}
         scores = [c["score"] for c in exhaustive["candidates"]]
         best = exhaustive["selected"]
         ranked = sorted(scores)
