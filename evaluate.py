@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import SapoError, cli_main
+from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import write_text_atomic
 from tasks.prompts import encode_prompt, pad_batch, render_prompt, render_response
 
@@ -507,3 +507,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_after_main()

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, instances_hash
+from tasks.errors import exit_after_main
 from tasks.candidates import candidate_pool, filter_candidates, load_candidates_file
 from tasks.loaders import write_json
 
@@ -928,3 +929,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_after_main()

@@ -31,6 +31,7 @@ import torch
 
 from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, pad_batch
 from tasks.candidates import candidate_pool
+from tasks.errors import exit_after_main
 from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, stack_adapters
@@ -631,3 +632,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_after_main()
