@@ -3,20 +3,20 @@ pre-update loss, train a new LoRA with it, evaluate every task of the sequence.
 
     accelerate launch train_sapo.py                                   # the offline demo (SmolLM2-135M, CPU is fine)
     accelerate launch train_sapo.py --preset paper --model Qwen/Qwen3-8B --data-dir ../shared/data/superni
-    accelerate launch train_sapo.py --select sapo-race ...     # racing selection: a fraction of the scoring tokens
+    accelerate launch train_sapo.py --select sapo-race ...     # racing selection (ours): a fraction of the tokens
     accelerate launch --num_processes 8 train_sapo.py --preset paper ...        # several GPUs (DDP)
     accelerate launch --config_file fsdp.yaml train_sapo.py ...                 # FSDP / DeepSpeed via accelerate configs
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_sapo.py ...   # 2 processes on CPU
 
-The run directory holds config.json, zero-shot and per-task folders (`<k>-<task>/`: adapter, selection.json,
-predictions, scores.json), R.json, metrics.json and timings.json. Rerunning the same command resumes: finished tasks
-are skipped, training continues from its last checkpoint, selection from its score cache.
+The loop (`main`): the zero-shot row of R, then per task select_instruction -> train_adapter -> evaluate_row. Each
+step writes its result into the task's folder (`<k>-<task>/`: selection.json, adapter/ + training.json, scores.json)
+and, when that result is already there, loads it instead of computing it: rerunning the same command resumes.
+Training continues from its last checkpoint, selection from its score cache.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -24,17 +24,21 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import evaluate
+import score_prompts
 from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, pad_batch
-from tasks.candidates import candidate_pool
+from tasks.core import Task
 from tasks.errors import exit_after_main
 from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, stack_adapters
+from tasks.pools import PoolSource
+from tasks.score_cache import model_state_id
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -46,13 +50,15 @@ class Config:
     sequence: str = "demo"  # built-in name, real-data name (ni_seq_c1, ...), or comma-separated task names
     data_dir: str | None = None  # SAPO-layout directory; None = built-in tasks
     method: str = "lora-inc"  # lora-inc | o-lora | seq-lora
-    select: str = "sapo"  # sapo | sapo-race (racing: score_prompts.race_candidates) | original
+    select: str = "sapo"  # sapo (the paper) | sapo-race (ours: racing) | original | fixed:K (train with candidate K)
     candidates: str | None = None  # JSON file of candidate instructions (task -> list); None = built-in pools
-    generate: int = 0  # paraphrases to generate with a local chat model instead of a pool (see score_prompts.py)
+    generate: int = 0  # paraphrases to generate with a chat model instead of a pool (original stays candidate 0)
+    paraphraser: str | None = None  # local chat model for --generate (default: the current model), or the API's model
+    paraphrase_api: str | None = None  # OpenAI-compatible chat endpoint for --generate
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
     score_instances: int = 250  # candidates are scored on the first N training instances
-    race_first: int = 8  # sapo-race: instances of the first round (then x2 per round up to score_instances)
-    race_confidence: float = 0.95  # sapo-race: confidence that the best candidate survives; 1.0 = never eliminate
+    race_first: int = 8  # sapo-race (ours): instances of the first round (then x2 per round up to score_instances)
+    race_confidence: float = 0.95  # sapo-race (ours): confidence that the best candidate survives; 1.0 = never drop
     train_instances: int = 1000  # train on the first N training instances
     train_on_dev_if_missing: bool = False  # a task without a train split trains (and is scored) on dev, logged
     epochs: int = 10
@@ -77,13 +83,22 @@ class Config:
     eval_batch_size: int = 16
     max_new_tokens: int = 128
     score_token_budget: int = 16384
-    reselect_every: int = 0  # optimizer steps between mid-task re-selections against the current weights; 0 = off
-    reselect_top: int | None = None  # re-score only the best K candidates of the first selection (None = all)
+    reselect_every: int = 0  # ours: optimizer steps between mid-task re-selections; 0 = off (the paper)
+    reselect_top: int | None = None  # ours: re-score only the best K candidates of the first selection (None = all)
     checkpoint_every: int = 0  # optimizer steps between training checkpoints; 0 = once per epoch
     seed: int = 42
     builtin_seed: int = 0  # seed of the built-in task generator
     output_dir: str = "runs/demo"
     report_to: str | None = None  # an accelerate tracker (tensorboard, wandb) when installed
+
+    def pool_source(self) -> PoolSource:
+        return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
+                          generate=self.generate, paraphraser=self.paraphraser, paraphrase_api=self.paraphrase_api,
+                          seed=self.seed)
+
+    def fixed_candidate(self) -> int | None:
+        """K of --select fixed:K (train with candidate K of the pool, unscored), else None."""
+        return int(self.select.split(":", 1)[1]) if self.select.startswith("fixed:") else None
 
 
 PRESETS = {
@@ -124,7 +139,8 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     values.update(given)
     config = Config(**values)
     checks = [(config.method in ("lora-inc", "o-lora", "seq-lora"), f"--method {config.method}"),
-              (config.select in ("sapo", "sapo-race", "original"), f"--select {config.select}"),
+              (config.select in ("sapo", "sapo-race", "original") or re.fullmatch(r"fixed:\d+", config.select),
+               f"--select {config.select}"),
               (config.race_first >= 1, f"--race-first {config.race_first}"),
               (0.0 < config.race_confidence <= 1.0, f"--race-confidence {config.race_confidence}"),
               (config.eval_prompt in ("selected", "original"), f"--eval-prompt {config.eval_prompt}"),
@@ -132,16 +148,12 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     for ok, what in checks:
         if not ok:
             raise SapoError(f"unknown value {what}")
+    config.pool_source().check()
     return config, args.overwrite
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Small helpers: run files, the learning-rate schedule, batches that do not depend on the process count.
-
-def read_json_if(path):
-    """A run's own JSON file, or None before it is written (a damaged one is a one-line error naming it)."""
-    return read_json(path) if Path(path).exists() else None
-
+# Small helpers: the learning-rate schedule, batches that do not depend on the process count.
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Linear warmup from 0 to the peak over warmup_steps, then cosine (or linear) decay to 0 at total_steps."""
@@ -214,44 +226,84 @@ def encode_training_set(tokenizer, task, instruction, instances, config):
             for inst in instances]
 
 
-class Reselector:
-    """State-adaptive re-selection during training: every `reselect_every` steps, re-score a shortlist of candidates
-    against the weights being trained and switch the training instruction when another one has the lowest loss.
-    Every re-scoring is logged (step, scores, choice, seconds) and its time counts as selection overhead."""
+@dataclass
+class Training:
+    """training.json: what training a task's adapter did (seconds summed over resumed segments)."""
 
-    def __init__(self, accelerator, tokenizer, task, shortlist, instances, instruction, config, encode):
+    steps: int
+    accumulation: int
+    warmup_steps: int
+    seconds: float  # training alone; re-selection time is selection overhead
+    reselection_seconds: float = 0.0
+
+
+@dataclass
+class Reselection:
+    """One mid-task re-scoring of the shortlist (ours, beyond the paper)."""
+
+    step: int
+    candidates: list[int]  # pool indices of the shortlist, in scoring order
+    scores: list[float]  # their scores, same order
+    selected_instruction: str
+    switched: bool
+    seconds: float
+
+
+class Reselector:
+    """Ours, beyond the paper (`--reselect-every`): state-adaptive re-selection during training. Every
+    `reselect_every` steps, re-score a shortlist of candidates against the weights being trained and switch the
+    training instruction when another one has the lowest loss. Every re-scoring is logged and its time counts as
+    selection overhead."""
+
+    def __init__(self, accelerator, tokenizer, task, shortlist, instances, instruction, config, encode,
+                 shortlist_indices=None):
         self.accelerator, self.tokenizer, self.task = accelerator, tokenizer, task
         self.shortlist, self.instances, self.config, self.encode = shortlist, instances, config, encode
-        self.current, self.events, self.seconds = instruction, [], 0.0
+        self.indices = list(shortlist_indices or range(len(shortlist)))
+        self.current, self.events = instruction, []
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.events)
 
     def __call__(self, model, step):
         """Re-score with `model` (the transformers model, LoRA layers inside); new encoded data if switching."""
-        import score_prompts
-
-        start = time.perf_counter()
-        score = score_prompts.score_candidates
-        if self.config.select == "sapo-race":
-            score = functools.partial(score_prompts.race_candidates, first=self.config.race_first,
-                                      confidence=self.config.race_confidence)
-        result = score(
+        config = self.config
+        result = score_prompts.select_candidates(
             model, self.tokenizer, self.task, self.shortlist, self.instances, self.accelerator,
-            token_budget=self.config.score_token_budget,
-            max_length=self.config.max_source_length + self.config.max_target_length, progress=False)
-        best = self.shortlist[result["selected"]]
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        self.events.append({"step": step, "selected_instruction": best, "switched": best != self.current,
-                            "scores": [c["score"] for c in result["candidates"]], "seconds": seconds})
-        if best == self.current:
+            method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
+            token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
+            progress=False)
+        self.events.append(Reselection(step=step, candidates=self.indices,
+                                       scores=[c.score for c in result.candidates],
+                                       selected_instruction=result.instruction,
+                                       switched=result.instruction != self.current, seconds=result.seconds))
+        if result.instruction == self.current:
             return None
-        self.accelerator.print(f"  step {step}: switching the training instruction to {best[:80]!r}")
-        self.current = best
-        return self.encode(best)
+        self.accelerator.print(f"  step {step}: switching the training instruction to {result.instruction[:80]!r}")
+        self.current = result.instruction
+        return self.encode(result.instruction)
+
+    def state(self) -> dict:
+        return {"instruction": self.current, "events": [dataclasses.asdict(e) for e in self.events]}
+
+    def restore(self, state: dict | None):
+        """Back to a checkpoint's state; the re-encoded training set when the instruction had been switched."""
+        if not state:
+            return None
+        self.events = [Reselection(**e) for e in state["events"]]
+        if state["instruction"] == self.current:
+            return None
+        self.current = state["instruction"]
+        return self.encode(self.current)
 
 
 def train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress, reselect=None):
-    """Train adapter `name` of `peft_model` on the encoded instances; resumable from task_dir/checkpoint."""
+    """Train adapter `name` of `peft_model` on the encoded instances; resumable from task_dir/checkpoint.
+    Returns the trained peft model and a Training record (its seconds add up over resumed segments)."""
     from tqdm.auto import tqdm
+
+    segment_start = time.perf_counter()
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = config.micro_batch_size * world
@@ -275,20 +327,24 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     model, optimizer = accelerator.prepare(peft_model, optimizer)
 
     checkpoint = task_dir / "checkpoint"
-    start_step = 0
+    log_path = task_dir / "train_log.jsonl"
+    start_step, earlier_seconds = 0, 0.0
     if (checkpoint / "sapo_step.json").exists():
         accelerator.load_state(str(checkpoint), strict=False)
         saved = read_json(checkpoint / "sapo_step.json")
-        start_step = saved["step"]
-        if reselect is not None and saved.get("instruction", reselect.current) != reselect.current:
-            reselect.current, reselect.events = saved["instruction"], saved["reselections"]
-            encoded = reselect.encode(reselect.current)
+        start_step, earlier_seconds = saved["step"], saved.get("seconds", 0.0)
+        if reselect is not None:
+            encoded = reselect.restore(saved.get("reselector")) or encoded
         for _ in range(start_step):  # the schedule is a function of the step alone: replay it
             scheduler.step()
         accelerator.print(f"resuming training of {task_dir.name} at step {start_step}/{total_steps}")
+    if accelerator.is_main_process:  # the log holds each step once: drop what an interrupted segment wrote after
+        kept = log_path.read_text().splitlines()[:start_step] if log_path.exists() else []  # its last checkpoint
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    reselect_before = reselect.seconds if reselect else 0.0  # re-selection time is not training time
 
     pad_id = 0
-    log_path = task_dir / "train_log.jsonl"
     model.train()
     bar = tqdm(range(start_step, total_steps), desc=f"train {task_dir.name}", disable=not progress,
                initial=start_step, total=total_steps)
@@ -329,31 +385,31 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         step_loss = accelerator.reduce(step_nll, reduction="sum").item() / total_tokens
-        record = {"step": step + 1, "loss": step_loss, "lr": lr}
+        log_line = {"step": step + 1, "loss": step_loss, "lr": lr}
         if config.method == "o-lora":
-            record["olora_orth"] = penalty_value.item()
-        accelerator.log({f"{task_dir.name}/{k}": v for k, v in record.items() if k != "step"}, step=step + 1)
+            log_line["olora_orth"] = penalty_value.item()
+        accelerator.log({f"{task_dir.name}/{k}": v for k, v in log_line.items() if k != "step"}, step=step + 1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if reselect is not None and config.reselect_every and (step + 1) % config.reselect_every == 0 \
-                and step + 1 < total_steps:
+                f.write(json.dumps(log_line) + "\n")
+        if reselect is not None and (step + 1) % config.reselect_every == 0 and step + 1 < total_steps:
+            # Ours, beyond the paper: re-score against the weights being trained; its time is selection overhead.
             encoded = reselect(accelerator.unwrap_model(model).get_base_model(), step + 1) or encoded
         if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            extra = {"instruction": reselect.current, "reselections": reselect.events} if reselect else {}
+            seconds = earlier_seconds + time.perf_counter() - segment_start - \
+                ((reselect.seconds - reselect_before) if reselect else 0.0)
+            extra = {"seconds": seconds, "reselector": reselect.state() if reselect else None}
             save_checkpoint(accelerator, checkpoint, step + 1, extra)
     bar.close()
     model.eval()
     accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model)
     accelerator.free_memory()  # drop accelerate's references so the next task prepares a fresh wrapper
-    return peft_model, {"steps": total_steps, "accumulation": accumulation, "warmup_steps": warmup_steps}
-
-
-def next_stack(adapter_dirs: list[str], adapter_dir: Path, config) -> list[str]:
-    """The adapters of the state after this task: all so far plus this one (seq-lora: only the latest)."""
-    return [str(adapter_dir)] if config.method == "seq-lora" else adapter_dirs + [str(adapter_dir)]
+    segment_reselect = (reselect.seconds - reselect_before) if reselect else 0.0
+    return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
+                                seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
+                                reselection_seconds=reselect.seconds if reselect else 0.0)
 
 
 def save_adapter(peft_model, name: str, adapter_dir: Path):
@@ -392,12 +448,89 @@ def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The run.
+# The run: what every step reads, and the model state it advances.
+
+@dataclass
+class Run:
+    """What every step of the loop reads: the config, the launch, the data, the run directory, the tokenizer."""
+
+    config: Config
+    accelerator: object
+    tasks: list[Task]
+    run_dir: Path
+    tokenizer: object
+    base_path: str  # the base model (what --model resolves to)
+    base_adapters: list[str]  # adapters --model already names (a saved stack)
+
+    def task_dir(self, k: int, task: Task) -> Path:
+        return self.run_dir / f"{k + 1}-{task.name}"
+
+    @property
+    def progress(self) -> bool:
+        return self.accelerator.is_local_main_process
+
+    def save(self, path: Path, obj):
+        """A run file, written atomically by the main process; every process waits for it."""
+        if self.accelerator.is_main_process:
+            write_json(path, obj)
+        self.accelerator.wait_for_everyone()
+
+
+@dataclass
+class ModelState:
+    """The current model: base + every adapter trained so far, all active at their training scale."""
+
+    model: object  # the transformers model (LoRA layers inside once there is an adapter)
+    peft_model: object = None  # the peft wrapper once the first adapter exists
+    adapter_dirs: list[str] = field(default_factory=list)  # this run's adapters, in training order
+
+    def state_id(self, run: Run) -> str:
+        return model_state_id(run.base_path, run.base_adapters + self.adapter_dirs)
+
+
+@dataclass
+class TaskSelection:
+    """selection.json: how a task's training instruction was chosen. Written flat: the Selection's fields (scores of
+    every candidate, the pick, racing rounds) plus these."""
+
+    select: str  # the --select mode
+    split: str  # the split the candidates were scored (and the adapter trained) on
+    original: str
+    selection: score_prompts.Selection
+    note: str = ""
+    reselections: list[Reselection] = field(default_factory=list)  # ours: mid-task re-scorings
+    final_instruction: str | None = None  # the instruction training ended with (re-selection may switch it)
+
+    @property
+    def trained_with(self) -> str:
+        return self.final_instruction or self.selection.instruction
+
+    def to_json(self) -> dict:
+        return {"select": self.select, "split": self.split, "original": self.original, "note": self.note,
+                **self.selection.to_json(), "reselections": [dataclasses.asdict(r) for r in self.reselections],
+                "final_instruction": self.final_instruction}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TaskSelection":
+        return cls(select=data["select"], split=data["split"], original=data["original"], note=data.get("note", ""),
+                   selection=score_prompts.Selection.from_json(data),
+                   reselections=[Reselection(**r) for r in data.get("reselections", [])],
+                   final_instruction=data.get("final_instruction"))
+
+
+@dataclass
+class Row:
+    """scores.json: one row of R, every task of the sequence evaluated with one model state."""
+
+    row: str  # the row's label: zero-shot, or "after <task>"
+    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, num_instances)
+    seconds: float
+
 
 def prepare_run_dir(config: Config, overwrite: bool, accelerator) -> Path:
     """Create the run dir, or check that an existing one was made with the same config (then the run resumes)."""
     run_dir = Path(config.output_dir)
-    saved = read_json_if(run_dir / "config.json")
+    saved = read_json(run_dir / "config.json", default=None)
     current = dataclasses.asdict(config)
     if saved is not None:
         changed = sorted(k for k in set(saved) | set(current)
@@ -416,28 +549,14 @@ def prepare_run_dir(config: Config, overwrite: bool, accelerator) -> Path:
     return run_dir
 
 
-def training_split(task, config):
+def training_split(task, config) -> str:
     if "train" in task.missing_splits and config.train_on_dev_if_missing:
         return "dev"
     return "train"
 
 
-@cli_main
-def main(argv=None):
-    config, overwrite = parse_config(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
-
-    import evaluate
-    import score_prompts
-
-    accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir)
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    progress = accelerator.is_local_main_process
-    set_seed(config.seed)
-
-    # Data first: a bad task name or data dir fails before any model is loaded.
+def load_tasks(config: Config, accelerator) -> list[Task]:
+    """The sequence's tasks, every split and candidate pool checked, before any model is loaded."""
     sequence = load_sequence(config.sequence, config.data_dir)
     tasks = [load_task(name, sequence.data_dir, seed=config.builtin_seed,
                        n_train=max(config.train_instances, config.score_instances)) for name in sequence.task_names]
@@ -447,186 +566,221 @@ def main(argv=None):
             accelerator.print(f"note: {task.name} has no train split; training and scoring on its dev split")
         task.split(split)  # raises a clear error for a missing or empty split
         task.split(config.eval_split)
-        if config.select != "original" and not config.generate:
-            candidate_pool(task, config.candidates, config.max_candidates)  # a bad pool fails now, not hours later
+        if config.select != "original" and task.instruction.strip():
+            config.pool_source().check_task(task)  # a bad pool fails now, not hours later
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The three steps of a task. Each loads its result when it is already on disk, else computes and saves it.
+
+def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) -> TaskSelection:
+    """1. The training instruction of `task`, chosen against the CURRENT state (base + every adapter so far, as
+    trained): the candidate with the lowest pre-update loss on the first score_instances training instances."""
+    done = read_json(task_dir / "selection.json", default=None)
+    if done is not None:
+        return TaskSelection.from_json(done)
+    config, split = run.config, training_split(task, run.config)
+    note = ""
+    if not task.instruction.strip():  # e.g. TRACE's Py150: nothing to paraphrase, trained as is (as the authors do)
+        selection = score_prompts.Selection.unscored(task.name, "none", [task.instruction], 0)
+        note = "empty instruction: nothing to paraphrase, trained without selection"
+    elif config.select == "original":
+        selection = score_prompts.Selection.unscored(task.name, "original", [task.instruction], 0)
+    else:
+        state_id = state.state_id(run)
+        pool = config.pool_source().build(task, accelerator=run.accelerator, model=state.model,
+                                          tokenizer=run.tokenizer, state_id=state_id,
+                                          cache_path=run.run_dir / "paraphrases.json")
+        fixed = config.fixed_candidate()
+        if fixed is not None:  # one arm of the paper's analysis: train with candidate K, whatever its score
+            if fixed >= len(pool):
+                raise SapoError(f"--select {config.select}: task {task.name} has {len(pool)} candidates")
+            selection = score_prompts.Selection.unscored(task.name, config.select, pool, fixed)
+        elif len(pool) == 1:
+            selection = score_prompts.Selection.unscored(task.name, config.select, pool, 0)
+        else:
+            selection = score_prompts.select_candidates(
+                state.model, run.tokenizer, task, pool, task.split(split)[:config.score_instances], run.accelerator,
+                method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
+                token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
+                cache_path=task_dir / "score_cache.json", state_id=state_id, progress=run.progress)
+    chosen = TaskSelection(select=config.select, split=split, original=task.instruction, selection=selection,
+                           note=note)
+    run.save(task_dir / "selection.json", chosen.to_json())
+    return chosen
+
+
+def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskSelection, task_dir: Path) -> Training:
+    """2. A new LoRA for `task` trained with the chosen instruction (seq-lora: the one LoRA, continued), earlier
+    adapters frozen and active. Advances `state` to base + every adapter up to this task."""
+    from peft import LoraConfig, get_peft_model
+
+    config, accelerator = run.config, run.accelerator
+    adapter_dir = task_dir / "adapter"
+    seq = config.method == "seq-lora"
+    previous = [] if seq else [adapter_name(i) for i in range(len(state.adapter_dirs))]
+    name = adapter_name(0) if seq else adapter_name(len(state.adapter_dirs))
+    if (adapter_dir / "adapter_config.json").exists():  # trained by an earlier process: load it as saved
+        training = Training(**read_json(task_dir / "training.json"))
+        if state.peft_model is None or seq:
+            base = state.peft_model.unload() if state.peft_model is not None else state.model
+            state.peft_model = stack_adapters(base, [str(adapter_dir)])
+        else:
+            state.peft_model.load_adapter(str(adapter_dir), adapter_name=name)
+    else:
+        # Seeded per task, so a run resumed at any task initialises and drops out exactly as an uninterrupted one.
+        from accelerate.utils import set_seed
+
+        set_seed(config.seed + k)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
+        if state.peft_model is None:
+            state.peft_model = get_peft_model(state.model, lora, adapter_name=name)
+        elif name not in state.peft_model.peft_config:
+            state.peft_model.add_adapter(name, lora)
+        activate_adapters(state.peft_model, previous + [name], trainable=name)
+        train_instances = task.split(chosen.split)[:config.train_instances]
+        encode = lambda text: encode_training_set(run.tokenizer, task, text, train_instances, config)  # noqa: E731
+        reselect = None
+        if config.reselect_every and len(chosen.selection.candidates) > 1 and chosen.selection.method in (
+                "sapo", "sapo-race"):
+            # Ours, beyond the paper. Racing: the candidates that lasted longest first (their scores cover more
+            # instances).
+            ranked = sorted(chosen.selection.candidates,
+                            key=lambda c: (-c.num_instances_scored, c.score, c.index))[:config.reselect_top or None]
+            reselect = Reselector(accelerator, run.tokenizer, task, [c.instruction for c in ranked],
+                                  task.split(chosen.split)[:config.score_instances], chosen.selection.instruction,
+                                  config, encode, shortlist_indices=[c.index for c in ranked])
+        state.peft_model, training = train_task(accelerator, state.peft_model, name, previous,
+                                                encode(chosen.selection.instruction), config, task_dir, run.progress,
+                                                reselect)
+        if reselect is not None:
+            chosen.reselections, chosen.final_instruction = reselect.events, reselect.current
+            run.save(task_dir / "selection.json", chosen.to_json())
+        # training.json first: an adapter on disk always has its record (a kill in between retrains the task).
+        run.save(task_dir / "training.json", dataclasses.asdict(training))
+        if accelerator.is_main_process:
+            save_adapter(state.peft_model, name, adapter_dir)
+        accelerator.wait_for_everyone()
+    state.adapter_dirs = [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)]
+    activate_adapters(state.peft_model, previous + [name], trainable=None)
+    state.model = state.peft_model.get_base_model().eval()  # the transformers model with every LoRA layer inside
+    return training
+
+
+def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instructions: dict[str, str]) -> Row:
+    """3. One row of R: every task of the sequence evaluated with the current state (greedy generation), each with
+    its instruction in `instructions`."""
+    done = read_json(row_dir / "scores.json", default=None)
+    if done is not None:
+        return Row(**done)
+    config = run.config
+    start = time.perf_counter()
+    scores = {}
+    for task in run.tasks:
+        scores[task.name] = evaluate.evaluate_task(
+            state.model, run.tokenizer, task, instructions[task.name], run.accelerator, split=config.eval_split,
+            max_instances=config.eval_instances, batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_source_length,
+            predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress)
+    row = Row(row=label, scores=scores, seconds=time.perf_counter() - start)
+    run.save(row_dir / "scores.json", dataclasses.asdict(row))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run records: R, timings, the adapter stack of each state.
+
+def write_results(run: Run, rows: list[Row], timings: dict):
+    """R.json (+ the report: metrics.json, R.csv, R.png) and timings.json, rewritten after every row."""
+    if not run.accelerator.is_main_process:
+        return
+    names = [t.name for t in run.tasks]
+    R = {"tasks": names, "rows": [r.row for r in rows],
+         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in ("rougeL", "exact_match")}}
+    write_json(run.run_dir / "R.json", R)
+    evaluate.write_report(run.run_dir)
+    if timings:
+        write_json(run.run_dir / "timings.json", timings)
+
+
+def task_timings(chosen: TaskSelection, training: Training, row: Row) -> dict:
+    """timings.json's entry of one task: selection (re-selection included) against training seconds."""
+    selection_seconds = chosen.selection.seconds + sum(r.seconds for r in chosen.reselections)
+    record = {**dataclasses.asdict(training), "training_seconds": training.seconds,
+              "selection_seconds": selection_seconds, "evaluation_seconds": row.seconds}
+    del record["seconds"]
+    if training.seconds:
+        record["selection_overhead_pct"] = 100.0 * selection_seconds / training.seconds
+    return record
+
+
+def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[str, str]):
+    """An adapter stack that `--model <task dir>` (tasks.models) loads as the state after this task, with the
+    instructions its tasks were trained with."""
+    run.save(task_dir / STACK_FILE, {"base_model": run.base_path, "instructions": dict(trained_with),
+                                     "adapters": run.base_adapters + [os.path.relpath(a, task_dir)
+                                                                      for a in state.adapter_dirs]})
+
+
+def print_summary(run: Run, rows: list[Row], timings: dict):
+    if not run.accelerator.is_main_process:
+        return
+    names = [t.name for t in run.tasks]
+    metrics = evaluate.write_report(run.run_dir)
+    print()
+    print(evaluate.markdown_table([[r.scores[n]["rougeL"] for n in names] for r in rows], names))
+    print()
+    print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+    overhead = [t["selection_overhead_pct"] for t in timings.values() if t.get("selection_overhead_pct")]
+    if overhead:
+        print(f"selection overhead: {sum(overhead) / len(overhead):.1f}% of training time (mean over tasks)")
+    print(f"results: {run.run_dir.resolve()}  (R.json, metrics.json, timings.json, per-task folders)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop.
+
+@cli_main
+def main(argv=None):
+    config, overwrite = parse_config(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    set_seed(config.seed)
+    tasks = load_tasks(config, accelerator)  # data first: a bad task name or pool fails before any model loads
     run_dir = prepare_run_dir(config, overwrite, accelerator)
     if config.report_to:
         accelerator.init_trackers("sapo", config={k: v for k, v in dataclasses.asdict(config).items()
                                                   if isinstance(v, (int, float, str, bool))})
-
     base_path, base_adapters = resolve(config.model)
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model)  # the base (plus any adapters --model already names)
-    names = [t.name for t in tasks]
-    selected = {}  # task name -> the instruction it was trained with
-    adapter_dirs = []  # this run's adapters, in training order
-    timings = read_json_if(run_dir / "timings.json") or {}
-    R = {"tasks": names, "rows": [], "rougeL": [], "exact_match": []}
-
-    def eval_row(row_name, row_dir, instruction_of):
-        """Evaluate every task of the sequence; the scores of one row of R (resumed from scores.json if done)."""
-        done = read_json_if(row_dir / "scores.json")
-        if done is not None:
-            return done
-        start = time.perf_counter()
-        scores = {}
-        for task in tasks:
-            result = evaluate.evaluate_task(
-                model, tokenizer, task, instruction_of(task), accelerator, split=config.eval_split,
-                max_instances=config.eval_instances, batch_size=config.eval_batch_size,
-                max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_source_length,
-                predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=progress)
-            scores[task.name] = result
-        seconds = time.perf_counter() - start
-        record = {"row": row_name, "scores": scores, "seconds": seconds}
-        if accelerator.is_main_process:
-            write_json(row_dir / "scores.json", record)
-        accelerator.wait_for_everyone()
-        return record
-
-    def add_row(record):
-        R["rows"].append(record["row"])
-        for metric in ("rougeL", "exact_match"):
-            R[metric].append([record["scores"][n][metric] for n in names])
-        if accelerator.is_main_process:
-            write_json(run_dir / "R.json", R)
-            evaluate.write_report(run_dir)
+    run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
+    state = ModelState(model=load_model(config.model))  # the base (plus any adapters --model already names)
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
-    add_row(eval_row("zero-shot", run_dir / "0-zero-shot", lambda t: t.instruction))
-
-    peft_model = None  # the peft wrapper once the first adapter exists
+    originals = {t.name: t.instruction for t in tasks}
+    rows = [evaluate_row(run, state, run_dir / "0-zero-shot", "zero-shot", originals)]
+    write_results(run, rows, {})
+    trained_with, timings = {}, {}  # task name -> the instruction its adapter was trained with
     for k, task in enumerate(tasks):
-        task_dir = run_dir / f"{k + 1}-{task.name}"
-        adapter_dir = task_dir / "adapter"
-        split = training_split(task, config)
-        record = timings.get(task.name, {})
-
-        def instruction_of(t):
-            """Trained tasks: their selected instruction (or the original, by choice); untrained: the original."""
-            return selected.get(t.name, t.instruction) if config.eval_prompt == "selected" else t.instruction
-
-        finished = read_json_if(task_dir / "scores.json")
-        if finished is not None:  # resumed run: this task is done, take its results as they are
-            done_selection = read_json_if(task_dir / "selection.json")
-            selected[task.name] = done_selection.get("final_instruction", done_selection["instruction"])
-            adapter_dirs = next_stack(adapter_dirs, adapter_dir, config)
-            add_row(finished)
-            continue
-        if adapter_dirs and peft_model is None:  # resumed run: rebuild the state from the saved adapters
-            peft_model = stack_adapters(model, adapter_dirs)
-            model = peft_model.get_base_model()
-
-        # 1. Select the training instruction against the CURRENT state: base + every adapter so far, as trained.
-        selection = read_json_if(task_dir / "selection.json")
-        if selection is None:
-            pool = [task.instruction]
-            if config.select in ("sapo", "sapo-race") and config.generate:
-                pool = score_prompts.generate_paraphrases(task, config.generate, model, tokenizer, seed=config.seed,
-                                                          cache_path=task_dir / "paraphrases.json")
-            elif config.select in ("sapo", "sapo-race"):
-                pool = candidate_pool(task, config.candidates, config.max_candidates)
-            start = time.perf_counter()
-            score = score_prompts.score_candidates
-            if config.select == "sapo-race":  # the same pool, scored by racing
-                score = functools.partial(score_prompts.race_candidates, first=config.race_first,
-                                          confidence=config.race_confidence)
-            if len(pool) > 1:
-                result = score(
-                    model, tokenizer, task, pool, task.split(split)[:config.score_instances], accelerator,
-                    token_budget=config.score_token_budget,
-                    max_length=config.max_source_length + config.max_target_length,
-                    cache_path=task_dir / "score_cache.json",
-                    state_id=score_prompts.model_state_id(base_path, base_adapters + adapter_dirs), progress=progress)
-            else:
-                result = {"selected": 0, "candidates": [{"index": 0, "instruction": task.instruction}]}
-            selection = {"task": task.name, "select": config.select, "selected": result["selected"],
-                         "instruction": pool[result["selected"]], "original": task.instruction, "split": split,
-                         "seconds": time.perf_counter() - start, "candidates": result["candidates"]}
-            if "rounds" in result:  # racing: what was scored in each round, and what it saved
-                selection.update({k: result[k] for k in ("rounds", "tokens_scored", "exhaustive_tokens")})
-            if accelerator.is_main_process:
-                write_json(task_dir / "selection.json", selection)
-            accelerator.wait_for_everyone()
-        selected[task.name] = selection["instruction"]
-        accelerator.print(f"[{k + 1}/{len(tasks)}] {task.name}: training with candidate {selection['selected']} of "
-                          f"{len(selection['candidates'])}: {selection['instruction'][:90]!r}")
-
-        # 2. Train: a new LoRA for this task (seq-lora: the one LoRA, continued), earlier adapters frozen and active.
-        previous = [] if config.method == "seq-lora" else [adapter_name(i) for i in range(len(adapter_dirs))]
-        name = adapter_name(0) if config.method == "seq-lora" else adapter_name(len(adapter_dirs))
-        if not (adapter_dir / "adapter_config.json").exists():
-            # Seeded per task, so a run resumed at any task initialises and drops out exactly as an uninterrupted one.
-            set_seed(config.seed + k)
-            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
-            if peft_model is None:
-                peft_model = get_peft_model(model, lora, adapter_name=name)
-            elif name not in peft_model.peft_config:
-                peft_model.add_adapter(name, lora)
-            activate_adapters(peft_model, previous + [name], trainable=name)
-            train_instances = task.split(split)[:config.train_instances]
-            encoded = encode_training_set(tokenizer, task, selection["instruction"], train_instances, config)
-            reselect = None
-            if config.reselect_every and config.select in ("sapo", "sapo-race") and len(selection["candidates"]) > 1:
-                # Racing: the candidates that lasted longest first (their scores cover more instances).
-                ranked = sorted(selection["candidates"],
-                                key=lambda c: (-c.get("num_instances_scored", 0), c["score"], c["index"]))
-                shortlist = [c["instruction"] for c in ranked[:config.reselect_top or len(ranked)]]
-                reselect = Reselector(accelerator, tokenizer, task, shortlist,
-                                      task.split(split)[:config.score_instances], selection["instruction"], config,
-                                      lambda text: encode_training_set(tokenizer, task, text, train_instances, config))
-            start = time.perf_counter()
-            peft_model, info = train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress,
-                                          reselect)
-            # Re-selection time is selection overhead, not training time.
-            reselect_seconds = reselect.seconds if reselect else 0.0
-            record.update(info, training_seconds=time.perf_counter() - start - reselect_seconds
-                          + record.get("training_seconds", 0.0))
-            if reselect is not None:
-                record["reselection_seconds"] = reselect_seconds
-                selection.update(reselections=reselect.events, final_instruction=reselect.current)
-                if accelerator.is_main_process:
-                    write_json(task_dir / "selection.json", selection)
-            if accelerator.is_main_process:
-                save_adapter(peft_model, name, adapter_dir)
-            accelerator.wait_for_everyone()
-        elif peft_model is None or name not in peft_model.peft_config or config.method == "seq-lora":
-            # Trained in an earlier process, interrupted before its evaluation finished: load it as saved.
-            peft_model = stack_adapters(peft_model.unload() if peft_model else model,
-                                        next_stack(adapter_dirs, adapter_dir, config))
-        adapter_dirs = next_stack(adapter_dirs, adapter_dir, config)
-        activate_adapters(peft_model, previous + [name], trainable=None)
-        model = peft_model.get_base_model().eval()  # the transformers model with every LoRA layer inside
-        if accelerator.is_main_process:
-            # An adapter stack that `--model <task dir>` (tasks.models.load_model) loads as the state after task k.
-            write_json(task_dir / STACK_FILE, {"base_model": base_path, "adapters": base_adapters + [
-                os.path.relpath(a, task_dir) for a in adapter_dirs]})
-
-        # 3. Evaluate every task of the sequence: row k+1 of R.
-        # Evaluation uses the instruction training ended with (re-selection may have switched it).
-        selected[task.name] = selection.get("final_instruction", selection["instruction"])
-        row = eval_row(f"after {task.name}", task_dir, instruction_of)
-        record["evaluation_seconds"] = row["seconds"]
-        record["selection_seconds"] = selection["seconds"] + sum(e["seconds"] for e in selection.get("reselections", []))
-        if record.get("training_seconds"):
-            record["selection_overhead_pct"] = 100.0 * record["selection_seconds"] / record["training_seconds"]
-        timings[task.name] = record
-        if accelerator.is_main_process:
-            write_json(run_dir / "timings.json", timings)
-        add_row(row)
-
-    # Summary.
-    if accelerator.is_main_process:
-        metrics = evaluate.write_report(run_dir)
-        print()
-        print(evaluate.markdown_table(R["rougeL"], names))
-        print()
-        print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
-        overhead = [t.get("selection_overhead_pct") for t in timings.values() if t.get("selection_overhead_pct")]
-        if overhead:
-            print(f"selection overhead: {sum(overhead) / len(overhead):.1f}% of training time (mean over tasks)")
-        print(f"results: {run_dir.resolve()}  (R.json, metrics.json, timings.json, per-task folders)")
+        task_dir = run.task_dir(k, task)
+        chosen = select_instruction(run, state, task, task_dir)
+        accelerator.print(f"[{k + 1}/{len(tasks)}] {task.name}: training with candidate {chosen.selection.selected} "
+                          f"of {len(chosen.selection.candidates)}: {chosen.selection.instruction[:90]!r}"
+                          + (f" ({chosen.note})" if chosen.note else ""))
+        training = train_adapter(run, state, k, task, chosen, task_dir)
+        trained_with[task.name] = chosen.trained_with
+        save_stack(run, state, task_dir, trained_with)
+        # Trained tasks are evaluated with their training instruction (or the original, by choice); untrained ones
+        # with the original.
+        instructions = {**originals, **(trained_with if config.eval_prompt == "selected" else {})}
+        rows.append(evaluate_row(run, state, task_dir, f"after {task.name}", instructions))
+        timings[task.name] = task_timings(chosen, training, rows[-1])
+        write_results(run, rows, timings)
+    print_summary(run, rows, timings)
     accelerator.end_training()
 
 

@@ -100,7 +100,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     task = load_task(args.task)
-    candidates = candidate_pool(task, max_candidates=args.candidates)
+    candidates = candidate_pool(task)[:args.candidates]
     instances = task.split("train")[:args.instances]
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model).eval()

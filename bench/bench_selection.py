@@ -127,7 +127,7 @@ def same_race(a, b) -> bool:
 
 def part_overhead(model, tokenizer, args):
     task = load_task(args.task, args.data_dir, seed=0, n_train=max(args.train_instances, args.score_instances))
-    candidates = (candidate_pool(task, max_candidates=args.candidates) if task.paraphrases
+    candidates = (candidate_pool(task)[:args.candidates] if task.paraphrases
                   else rule_based_pool(task, args.candidates))
     scored = task.split("train")[:args.score_instances]
     trained = task.split("train")[:args.train_instances]
@@ -201,7 +201,7 @@ def part_agreement(model, tokenizer, args):
         t = time.perf_counter()
         if source == "builtin":
             task = load_task(name, seed=seed, n_train=n)
-            candidates = candidate_pool(task, max_candidates=args.candidates)
+            candidates = candidate_pool(task)[:args.candidates]
         else:
             task = load_task(name, args.superni_dir)
             candidates = rule_based_pool(task, args.superni_candidates)

@@ -6,6 +6,7 @@ instruction names: a paraphrase that drops "positive" would train the model to a
 """
 from __future__ import annotations
 
+import math
 import re
 
 from tasks.core import Task
@@ -82,12 +83,19 @@ def load_candidates_file(path, task: Task) -> list[str]:
     return validate_candidates(task, data, where=str(path))
 
 
-def candidate_pool(task: Task, candidates_file=None, max_candidates: int | None = None) -> list[str]:
-    """The pool to score: from a file if given, else the task's built-in paraphrases; original first."""
-    if candidates_file:
-        pool = load_candidates_file(candidates_file, task)
-    elif task.paraphrases:
-        pool = validate_candidates(task, list(task.paraphrases), where=f"built-in pool of {task.name}")
-    else:
+def candidate_pool(task: Task) -> list[str]:
+    """The task's built-in pool, validated, original first (tasks.pools.PoolSource builds pools from any source)."""
+    if not task.paraphrases:
         raise SapoError(f"task {task.name} has no built-in paraphrase pool: give --candidates FILE or --generate K")
-    return pool if max_candidates is None else pool[:max_candidates]
+    return validate_candidates(task, list(task.paraphrases), where=f"built-in pool of {task.name}")
+
+
+def select_index(scores) -> int:
+    """Index of the lowest score; ties keep the lowest index (candidate 0 = the original instruction). A NaN score
+    never wins (NaN compares false)."""
+    scores = [float(s) for s in scores]
+    best = 0
+    for i, s in enumerate(scores):
+        if s < scores[best] or math.isnan(scores[best]) and not math.isnan(s):
+            best = i
+    return best

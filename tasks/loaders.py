@@ -25,10 +25,19 @@ NAMED_SEQUENCES = {
 }
 
 
-def read_json(path) -> object:
-    """json.load with a one-line error naming the file (and the position for malformed JSON)."""
+_REQUIRED = object()
+
+
+def read_json(path, default=_REQUIRED) -> object:
+    """json.load with a one-line error naming the file (and the position for malformed JSON).
+
+    The project's one JSON reader: a missing file is an error unless a `default` is given (run files and caches
+    that are not written yet); a damaged file is always an error, never silently ignored or recomputed over.
+    """
     path = Path(path)
     if not path.exists():
+        if default is not _REQUIRED:
+            return default
         raise SapoError(f"file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:

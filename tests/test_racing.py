@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 import score_prompts as sp
+from tasks import racing
 import train_sapo
 from tasks.loaders import load_task
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
@@ -44,15 +45,15 @@ def test_unlimited_confidence_equals_exhaustive(arch, seed, first, growth, confi
     exhaustive = sp.score_candidates(model, tok, task, candidates, instances, progress=False)
     race = sp.race_candidates(model, tok, task, candidates, instances, first=first, growth=growth,
                               confidence=confidence, progress=False)
-    assert race["selected"] == exhaustive["selected"]
-    assert [r["num_instances"] for r in race["rounds"]] == sp.race_sizes(13, first, growth)
-    assert len(race["rounds"]) > 2 and all(not r["eliminated"] and r["z"] is None for r in race["rounds"])
-    for r, e in zip(race["candidates"], exhaustive["candidates"]):
-        assert r["score"] == pytest.approx(e["score"], rel=1e-6)
-        assert r["instance_sums"] == pytest.approx(e["instance_sums"], rel=1e-6)
-        assert r["instance_counts"] == e["instance_counts"]
-        assert r["num_instances_scored"] == 13 and r["eliminated_round"] is None
-    assert race["tokens_scored"] == race["exhaustive_tokens"] == sum(c["num_tokens"] for c in exhaustive["candidates"])
+    assert race.selected == exhaustive.selected
+    assert [r.num_instances for r in race.rounds] == racing.race_sizes(13, first, growth)
+    assert len(race.rounds) > 2 and all(not r.eliminated and r.z is None for r in race.rounds)
+    for r, e in zip(race.candidates, exhaustive.candidates):
+        assert r.score == pytest.approx(e.score, rel=1e-6)
+        assert r.instance_sums == pytest.approx(e.instance_sums, rel=1e-6)
+        assert r.instance_counts == e.instance_counts
+        assert r.num_instances_scored == 13 and r.eliminated_round is None
+    assert race.tokens_scored == race.exhaustive_tokens == sum(c.num_tokens for c in exhaustive.candidates)
 
 
 def test_eliminations_follow_the_bound_and_tokens_add_up():
@@ -60,38 +61,38 @@ def test_eliminations_follow_the_bound_and_tokens_add_up():
     confidence = 0.9
     race = sp.race_candidates(model, tok, task, candidates, instances, first=4, confidence=confidence,
                               progress=False)
-    rounds, cands = race["rounds"], race["candidates"]
-    assert any(r["eliminated"] for r in rounds)  # the setup exercises elimination
-    planned = sp.race_sizes(40, 4, 2.0)
+    rounds, cands = race.rounds, race.candidates
+    assert any(r.eliminated for r in rounds)  # the setup exercises elimination
+    planned = racing.race_sizes(40, 4, 2.0)
     alive, previous = set(range(len(candidates))), 0
     for r in rounds:
-        m = r["num_instances"]
-        assert sorted(r["scored"]) == sorted(alive)
+        m = r.num_instances
+        assert sorted(r.scored) == sorted(alive)
         # z: the one-sided t quantile at 1 - (1 - confidence) / rounds, with m - 1 degrees of freedom.
-        assert t_cdf_by_integration(r["z"], m - 1) == pytest.approx(1 - (1 - confidence) / len(planned), abs=1e-7)
-        sums = {c: cands[c]["instance_sums"][:m] for c in r["scored"]}
-        counts = {c: cands[c]["instance_counts"][:m] for c in r["scored"]}
-        means = {c: math.fsum(sums[c]) / sum(counts[c]) for c in r["scored"]}
-        assert r["leader"] == min(r["scored"], key=lambda c: (means[c], c))
-        per_instance = sum(counts[r["leader"]]) / m
-        for c in r["scored"]:
-            d = [(a - b) / per_instance for a, b in zip(sums[c], sums[r["leader"]])]
-            lower = statistics.fmean(d) - r["z"] * statistics.stdev(d) / math.sqrt(m)
-            if c in r["eliminated"]:
-                assert lower > 0, (r["round"], c, lower)
-                assert cands[c]["eliminated_round"] == r["round"] and cands[c]["num_instances_scored"] == m
+        assert t_cdf_by_integration(r.z, m - 1) == pytest.approx(1 - (1 - confidence) / len(planned), abs=1e-7)
+        sums = {c: cands[c].instance_sums[:m] for c in r.scored}
+        counts = {c: cands[c].instance_counts[:m] for c in r.scored}
+        means = {c: math.fsum(sums[c]) / sum(counts[c]) for c in r.scored}
+        assert r.leader == min(r.scored, key=lambda c: (means[c], c))
+        per_instance = sum(counts[r.leader]) / m
+        for c in r.scored:
+            d = [(a - b) / per_instance for a, b in zip(sums[c], sums[r.leader])]
+            lower = statistics.fmean(d) - r.z * statistics.stdev(d) / math.sqrt(m)
+            if c in r.eliminated:
+                assert lower > 0, (r.round, c, lower)
+                assert cands[c].eliminated_round == r.round and cands[c].num_instances_scored == m
             else:
-                assert lower <= 0, (r["round"], c, lower)
-        assert r["tokens_scored"] == sum(sum(cands[c]["instance_counts"][previous:m]) for c in r["scored"])
-        alive -= set(r["eliminated"])
-        assert sorted(r["survivors"]) == sorted(alive)
+                assert lower <= 0, (r.round, c, lower)
+        assert r.tokens_scored == sum(sum(cands[c].instance_counts[previous:m]) for c in r.scored)
+        alive -= set(r.eliminated)
+        assert sorted(r.survivors) == sorted(alive)
         previous = m
-    assert race["selected"] in rounds[-1]["survivors"] and race["selected"] == rounds[-1]["leader"]
-    assert all(cands[c]["eliminated_round"] is None for c in alive)
-    assert race["tokens_scored"] == sum(c["num_tokens"] for c in cands) == sum(r["tokens_scored"] for r in rounds)
+    assert race.selected in rounds[-1].survivors and race.selected == rounds[-1].leader
+    assert all(cands[c].eliminated_round is None for c in alive)
+    assert race.tokens_scored == sum(c.num_tokens for c in cands) == sum(r.tokens_scored for r in rounds)
     exhaustive = sp.score_candidates(model, tok, task, candidates, instances, progress=False)
-    assert race["exhaustive_tokens"] == sum(c["num_tokens"] for c in exhaustive["candidates"])
-    assert race["tokens_scored"] < race["exhaustive_tokens"]
+    assert race.exhaustive_tokens == sum(c.num_tokens for c in exhaustive.candidates)
+    assert race.tokens_scored < race.exhaustive_tokens
 
 
 def test_race_rounds_on_known_sums():
@@ -106,16 +107,16 @@ def test_race_rounds_on_known_sums():
         calls.append((list(subset), lo, hi))
         return {c: (table[c][lo:hi], [1] * (hi - lo)) for c in subset}
 
-    race = sp.race_rounds(score_slice, 3, 32, first=4, growth=2.0, confidence=0.95)
+    race = racing.race_rounds(score_slice, 3, 32, first=4, growth=2.0, confidence=0.95)
     assert calls == [([0, 1, 2], 0, 4), ([0, 2], 4, 8), ([0, 2], 8, 16), ([0, 2], 16, 32)]
-    assert race["eliminated_round"] == {1: 1} and race["selected"] == 0  # a tie keeps the lower index
+    assert race.eliminated_round == {1: 1} and race.selected == 0  # a tie keeps the lower index
     calls.clear()
-    never = sp.race_rounds(score_slice, 3, 32, first=4, growth=2.0, confidence=None)
-    assert never["eliminated_round"] == {} and len(calls) == 4 and all(c[0] == [0, 1, 2] for c in calls)
+    never = racing.race_rounds(score_slice, 3, 32, first=4, growth=2.0, confidence=None)
+    assert never.eliminated_round == {} and len(calls) == 4 and all(c[0] == [0, 1, 2] for c in calls)
     with pytest.raises(sp.SapoError):
-        sp.race_sizes(32, 0, 2.0)
+        racing.race_sizes(32, 0, 2.0)
     with pytest.raises(sp.SapoError):
-        sp.race_sizes(32, 4, 1.0)
+        racing.race_sizes(32, 4, 1.0)
 
 
 def test_train_sapo_with_racing_writes_rounds(model_dir, tmp_path):

@@ -1,5 +1,6 @@
 """score_prompts.py: scores equal the plain HF loss; ties keep the original; 1 and 2 processes agree bitwise; an
 interrupted run resumes without recomputing; paraphrases are parsed and validated; bad CLI input is one line, exit 2."""
+import dataclasses
 import http.server
 import json
 import os
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 import score_prompts as sp
-from tasks import IGNORE_INDEX, SapoError, encode_example
+from tasks import packing, paraphrases
+from tasks.score_cache import model_state_id
+from tasks import SapoError
 from tasks.core import Instance, Task
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
@@ -44,14 +47,10 @@ def make_task(n=7) -> Task:
 
 
 def plain_losses(model, tok, task, candidate, instances):
-    """The original method, one instance at a time: HF's own shifted cross-entropy over the response tokens."""
-    losses, counts = [], []
-    for x in instances:
-        e = encode_example(tok, candidate, x.input, task.suffix, x.label)
-        with torch.no_grad():
-            losses.append(model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item())
-        counts.append(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX))
-    return losses, counts
+    """The original method, one instance at a time: HF's own shifted cross-entropy over the response tokens
+    (score_prompts.reference_score, the oracle the scorer is checked against)."""
+    reference = sp.reference_score(model, tok, task, candidate, instances)
+    return reference.instance_losses, reference.instance_counts
 
 
 def sliding_qwen3(vocab):
@@ -75,13 +74,13 @@ def test_scores_equal_plain_hf_loss(arch, attn, monkeypatch):
     model = sliding_qwen3(len(tok)) if arch == "qwen3-sliding" else tiny_model(len(tok), arch=arch)
     task = make_task()
     if attn == "padded":  # the fallback for attention kinds that cannot take the packed mask
-        setup = sp.scoring_setup
-        monkeypatch.setattr(sp, "scoring_setup", lambda m: {**setup(m), "packed": False})
+        setup = packing.scoring_setup
+        monkeypatch.setattr(packing, "scoring_setup", lambda m: dataclasses.replace(setup(m), packed=False))
     else:
         model.config._attn_implementation = attn
     plans = []
-    plan = sp.plan_batches
-    monkeypatch.setattr(sp, "plan_batches", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
+    plan = packing.plan_batches
+    monkeypatch.setattr(packing, "plan_batches", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
     # A tiny budget and narrow rows: several batches per candidate and several sequences per row.
     result = sp.score_candidates(model, tok, task, CANDIDATES, task.train, token_budget=260, row_tokens=120,
                                  progress=False)
@@ -90,16 +89,16 @@ def test_scores_equal_plain_hf_loss(arch, attn, monkeypatch):
     if attn != "padded":
         assert max(len(row.seqs) for rows in batches for row in rows) >= 2
         assert max(len(rows) for rows in batches) >= 2
-    assert result["packing"] == ("padded" if attn == "padded" else "shared-prefix")
-    for c, r in enumerate(result["candidates"]):
+    assert result.packing == ("padded" if attn == "padded" else "shared-prefix")
+    for c, r in enumerate(result.candidates):
         losses, counts = plain_losses(model, tok, task, CANDIDATES[c], task.train)
-        assert r["index"] == c and r["instruction"] == CANDIDATES[c] and not r["cached"]
-        assert r["num_tokens"] == sum(counts)
-        assert r["instance_losses"] == pytest.approx(losses, rel=1e-5)
-        assert r["score"] == pytest.approx(sum(l * n for l, n in zip(losses, counts)) / sum(counts), rel=1e-5)
-        assert r["instance_mean"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
-    scores = [r["score"] for r in result["candidates"]]
-    assert result["selected"] == scores.index(min(scores))
+        assert r.index == c and r.instruction == CANDIDATES[c] and not r.cached
+        assert r.num_tokens == sum(counts)
+        assert r.instance_losses == pytest.approx(losses, rel=1e-5)
+        assert r.score == pytest.approx(sum(l * n for l, n in zip(losses, counts)) / sum(counts), rel=1e-5)
+        assert r.instance_mean == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    scores = [r.score for r in result.candidates]
+    assert result.selected == scores.index(min(scores))
     assert len(set(round(s, 6) for s in scores)) == len(scores)  # the prompt changes the loss
 
 
@@ -173,8 +172,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     task = make_task()
     kwargs = dict(token_budget=260, row_tokens=120, progress=False, state_id="tiny-state")
     fresh = sp.score_candidates(model, tok, task, CANDIDATES, task.train, **kwargs)
-    per_candidate = fresh["num_batches"] // len(CANDIDATES)
-    assert per_candidate >= 2 and fresh["num_batches"] == per_candidate * len(CANDIDATES)
+    per_candidate = fresh.num_batches // len(CANDIDATES)
+    assert per_candidate >= 2 and fresh.num_batches == per_candidate * len(CANDIDATES)
 
     cache = tmp_path / "cache.json"
     backbone = model.model
@@ -188,18 +187,18 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     counter = CountingForward(backbone)
     monkeypatch.setattr(backbone, "forward", counter)
     resumed = sp.score_candidates(model, tok, task, CANDIDATES, task.train, cache_path=str(cache), **kwargs)
-    assert [r["cached"] for r in resumed["candidates"]] == [True, True, False, False]
+    assert [r.cached for r in resumed.candidates] == [True, True, False, False]
     assert counter.calls == 2 * per_candidate  # only the two missing candidates ran
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "cached")}  # noqa: E731
-    assert [strip(r) for r in resumed["candidates"]] == [strip(r) for r in fresh["candidates"]]
+    strip = lambda r: {k: v for k, v in dataclasses.asdict(r).items() if k not in ("seconds", "cached")}  # noqa
+    assert [strip(r) for r in resumed.candidates] == [strip(r) for r in fresh.candidates]
 
     counter = CountingForward(backbone)
     monkeypatch.setattr(backbone, "forward", counter)
     again = sp.score_candidates(model, tok, task, CANDIDATES, task.train, cache_path=str(cache), **kwargs)
-    assert counter.calls == 0 and all(r["cached"] for r in again["candidates"])
+    assert counter.calls == 0 and all(r.cached for r in again.candidates)
     # Another model state, instance set or length limit is another key: nothing is reused.
     other = sp.score_candidates(model, tok, task, CANDIDATES[:1], task.train[:3], cache_path=str(cache), **kwargs)
-    assert not other["candidates"][0]["cached"]
+    assert not other.candidates[0].cached
     with pytest.raises(SapoError, match="state id"):
         sp.score_candidates(model, tok, task, CANDIDATES, task.train, cache_path=str(cache), progress=False)
 
@@ -210,12 +209,12 @@ def test_model_state_id_follows_the_adapter_content(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"A" * 10)
-    first = sp.model_state_id(model_dir, [str(adapter)])
-    assert first == sp.model_state_id(model_dir, [str(adapter)])
-    assert first != sp.model_state_id(model_dir, [])
+    first = model_state_id(model_dir, [str(adapter)])
+    assert first == model_state_id(model_dir, [str(adapter)])
+    assert first != model_state_id(model_dir, [])
     (adapter / "adapter_model.safetensors").write_bytes(b"B" * 10)  # same size, new weights
-    assert first != sp.model_state_id(model_dir, [str(adapter)])
-    assert sp.model_state_id("org/model", []) != sp.model_state_id("org/other", [])
+    assert first != model_state_id(model_dir, [str(adapter)])
+    assert model_state_id("org/model", []) != model_state_id("org/other", [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,17 +223,17 @@ def test_model_state_id_follows_the_adapter_content(tmp_path):
 def test_parse_paraphrase_rejects_bad_replies():
     task = make_task()
     ok = "Sure! <START>Decide whether the review below is positive or negative.</START> Hope this helps."
-    assert sp.parse_paraphrase(ok, task) == ("Decide whether the review below is positive or negative.", None)
-    assert sp.parse_paraphrase("Decide whether the review is positive or negative.", task)[1] == \
+    assert paraphrases.parse_paraphrase(ok, task) == ("Decide whether the review below is positive or negative.", None)
+    assert paraphrases.parse_paraphrase("Decide whether the review is positive or negative.", task)[1] == \
         "has no <START>...</START>"
-    assert sp.parse_paraphrase("<START>Decide whether the review is positive or negative.", task)[0] is None
-    assert "label word" in sp.parse_paraphrase("<START>Decide whether the review is good or bad.</START>", task)[1]
-    assert "label word" in sp.parse_paraphrase(  # case matters
+    assert paraphrases.parse_paraphrase("<START>Decide whether the review is positive or negative.", task)[0] is None
+    assert "label word" in paraphrases.parse_paraphrase("<START>Decide whether the review is good or bad.</START>", task)[1]
+    assert "label word" in paraphrases.parse_paraphrase(  # case matters
         "<START>Decide whether the review is Positive or Negative.</START>", task)[1]
-    assert sp.parse_paraphrase("<START>   </START>", task) == (None, "is empty")
-    assert sp.parse_paraphrase("<START>Paraphrased: say positive or negative for the review.</START>",
+    assert paraphrases.parse_paraphrase("<START>   </START>", task) == (None, "is empty")
+    assert paraphrases.parse_paraphrase("<START>Paraphrased: say positive or negative for the review.</START>",
                                task) == (None, "mentions paraphrasing")
-    prompt = sp.meta_prompt(task)
+    prompt = paraphrases.meta_prompt(task)
     assert task.instruction in prompt and '"positive"' in prompt and "<START>" in prompt
 
 
@@ -253,18 +252,18 @@ def test_generate_paraphrases_dedups_retries_and_caches(tmp_path, monkeypatch):
 
     def fake_sample(model, tokenizer, prompt, n, temperature, seed):
         asked.append(n)
-        assert temperature == 0.6 and prompt == sp.meta_prompt(task)  # always from the ORIGINAL instruction
+        assert temperature == 0.6 and prompt == paraphrases.meta_prompt(task)  # always from the ORIGINAL instruction
         return next(replies)
 
-    monkeypatch.setattr(sp, "_sample_local", fake_sample)
+    monkeypatch.setattr(paraphrases, "sample_local", fake_sample)
     cache = tmp_path / "paraphrases.json"
-    got = sp.generate_paraphrases(task, 3, None, None, cache_path=str(cache), paraphraser_id="fake")
+    got = paraphrases.generate_paraphrases(task, 3, None, None, cache_path=str(cache), paraphraser_id="fake")
     assert got == ["Tell me if the review is positive or negative.",
                    "Is this review positive or negative? Say which.",
                    "Label the review's sentiment: positive or negative."]
     assert asked == [3, 2, 1]  # each round asks for what is still missing
-    monkeypatch.setattr(sp, "_sample_local", lambda *a, **k: pytest.fail("the cache should have answered"))
-    assert sp.generate_paraphrases(task, 3, None, None, cache_path=str(cache), paraphraser_id="fake") == got
+    monkeypatch.setattr(paraphrases, "sample_local", lambda *a, **k: pytest.fail("the cache should have answered"))
+    assert paraphrases.generate_paraphrases(task, 3, None, None, cache_path=str(cache), paraphraser_id="fake") == got
 
 
 def test_generate_paraphrases_on_a_tiny_model_rejects_garbage():
@@ -273,11 +272,11 @@ def test_generate_paraphrases_on_a_tiny_model_rejects_garbage():
     model.generation_config.pad_token_id = tok.pad_token_id
     task = make_task()
     try:
-        got = sp.generate_paraphrases(task, 2, model, tok, max_tries=2, seed=0)
+        got = paraphrases.generate_paraphrases(task, 2, model, tok, max_tries=2, seed=0)
     except SapoError as e:
         assert "valid of 2 after 2 rounds" in str(e) and "\n" not in str(e)
     else:  # a random model that happens to produce valid rewrites must still produce only valid ones
-        assert len(got) == 2 and all(sp.parse_paraphrase("<START>" + g + "</START>", task)[1] is None for g in got)
+        assert len(got) == 2 and all(paraphrases.parse_paraphrase("<START>" + g + "</START>", task)[1] is None for g in got)
 
 
 def test_chat_api_request_and_errors(monkeypatch):
@@ -301,13 +300,13 @@ def test_chat_api_request_and_errors(monkeypatch):
     try:
         monkeypatch.setenv("SAPO_API_KEY", "k123")
         url = f"http://127.0.0.1:{server.server_port}"
-        assert sp.chat_api(url, "m", "hello", 0.6) == "<START>x</START>"
+        assert paraphrases.chat_api(url, "m", "hello", 0.6) == "<START>x</START>"
         assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer k123"
         assert seen["body"]["temperature"] == 0.6 and seen["body"]["messages"][0]["content"] == "hello"
     finally:
         server.shutdown()
     with pytest.raises(SapoError, match="unreachable"):
-        sp.chat_api(f"http://127.0.0.1:{free_port()}/v1", "m", "hello", 0.6, timeout=5)
+        paraphrases.chat_api(f"http://127.0.0.1:{free_port()}/v1", "m", "hello", 0.6, timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

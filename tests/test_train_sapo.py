@@ -239,8 +239,8 @@ def test_reselector_switches_when_the_loss_order_changed_and_records_it():
     shortlist = [task.instruction] + list(task.paraphrases[:2])
     config = train_sapo.Config(score_token_budget=4096, max_source_length=256, max_target_length=32)
     instances = task.train[:4]
-    scores = [c["score"] for c in score_prompts.score_candidates(model, tok, task, shortlist, instances,
-                                                                 progress=False)["candidates"]]
+    scores = [c.score for c in score_prompts.score_candidates(model, tok, task, shortlist, instances,
+                                                              progress=False).candidates]
     best = scores.index(min(scores))
     worst = scores.index(max(scores))
     # Training started with the (now) worst candidate: the loss order has changed since selection.
@@ -254,9 +254,9 @@ def test_reselector_switches_when_the_loss_order_changed_and_records_it():
     assert reselect(model, 3) == ["encoded:" + shortlist[best]]
     assert reselect.current == shortlist[best] == encoded_with["text"]
     assert reselect(model, 6) is None  # the order is unchanged now: no switch
-    assert [(e["step"], e["switched"]) for e in reselect.events] == [(3, True), (6, False)]
-    assert reselect.events[0]["scores"] == pytest.approx(scores, rel=1e-6)
-    assert reselect.seconds == pytest.approx(sum(e["seconds"] for e in reselect.events))
+    assert [(e.step, e.switched) for e in reselect.events] == [(3, True), (6, False)]
+    assert reselect.events[0].scores == pytest.approx(scores, rel=1e-6)
+    assert reselect.seconds == pytest.approx(sum(e.seconds for e in reselect.events))
 
 
 def test_reselection_during_training_is_logged_and_counted(model_dir, tmp_path):
