@@ -378,6 +378,9 @@ def parse_args(argv=None):
     p.add_argument("--token-budget", type=int, default=16384, help="padded tokens per forward batch")
     p.add_argument("--max-length", type=int, default=2048, help="longer sequences shorten their input text")
     p.add_argument("--row-tokens", type=int, default=None, help="width of a packed row (default: from the model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="base weights (LoRA weights stay fp32; the NLL is summed in fp32): auto = bf16 on a CUDA GPU "
+                        "that supports it, else fp32")
     p.add_argument("--seed", type=int, default=0, help="built-in task data and paraphrase sampling")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--no-progress", action="store_true")
@@ -433,6 +436,7 @@ def main(argv=None):
 
     from tasks.loaders import load_task
     from tasks.models import load_model, load_tokenizer, resolve
+    from tasks.precision import resolve_dtype
 
     # Data and candidates first: bad input fails in a second, before any model is loaded.
     task = load_task(args.task, args.data_dir, seed=args.seed, n_train=max(1000, args.instances))
@@ -446,9 +450,11 @@ def main(argv=None):
 
     accelerator = Accelerator()
     base, adapters = resolve(args.model)
-    state_id = model_state_id(base, adapters)
+    dtype = resolve_dtype(args.dtype, accelerator.device)
+    # Scores in another dtype are other numbers: the cache key carries it (fp32 keys stay as they were).
+    state_id = model_state_id(base, adapters) + ("" if dtype == torch.float32 else f"|{dtype}")
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model).to(accelerator.device).eval()
+    model = load_model(args.model, dtype=dtype).to(accelerator.device).eval()
     if len(instances) < args.instances:
         accelerator.print(f"note: task {task.name} has {len(instances)} {args.split} instances (< {args.instances})")
     paraphrase_cache = args.paraphrase_cache or (str(out_dir / "paraphrases.json") if out_dir else None)
@@ -461,7 +467,8 @@ def main(argv=None):
                                state_id=state_id, progress=not args.no_progress, row_tokens=args.row_tokens)
     if accelerator.is_main_process:
         if args.output:
-            write_json(args.output, {**result.to_json(), "model": args.model or "default", "split": args.split})
+            write_json(args.output, {**result.to_json(), "model": args.model or "default", "split": args.split,
+                                     "dtype": str(model.dtype)})
         print_table(result)
         if result.rounds:
             print_rounds(result)

@@ -38,6 +38,7 @@ from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, stack_adapters
 from tasks.pools import PoolSource
+from tasks.precision import resolve_dtype
 from tasks.score_cache import model_state_id
 
 
@@ -75,8 +76,8 @@ class Config:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_targets: str = "q_proj,v_proj"
-    olora_lambda1: float = 0.5
-    olora_lambda2: float = 0.0
+    olora_lambda1: float = 0.5  # O-LoRA weight per optimizer step; preset paper: 4.0 = the authors' 0.5 x 8 micro-steps
+    olora_lambda2: float = 0.0  # O-LoRA weight of the new adapter's L2 norms, per optimizer step
     eval_prompt: str = "selected"  # selected | original: instruction for already-trained tasks at evaluation
     eval_split: str = "test"
     eval_instances: int | None = None  # None = the whole split
@@ -90,6 +91,7 @@ class Config:
     builtin_seed: int = 0  # seed of the built-in task generator
     output_dir: str = "runs/demo"
     report_to: str | None = None  # an accelerate tracker (tensorboard, wandb) when installed
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 of the base weights (LoRA weights stay fp32; scoring sums in fp32)
 
     def pool_source(self) -> PoolSource:
         return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
@@ -102,7 +104,13 @@ class Config:
 
 
 PRESETS = {
-    "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper"),
+    # The authors' O-LoRA strength: their trainer adds 0.5 * orth to the loss of each of the 8 micro-batches of an
+    # optimizer step and never divides it by the 8 accumulation steps (transformers 4.51 skips that division for models
+    # that take loss kwargs, as Qwen3 does, and tells DeepSpeed scale_wrt_gas=False), while the cross-entropy is a
+    # token mean over the whole step (num_items_in_batch). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
+    # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
+    "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
+                  olora_lambda1=4.0),
     # Small enough to finish in minutes on a 2-core CPU with SmolLM2-135M; still the whole algorithm.
     "demo": dict(sequence="demo", model=DEFAULT_MODEL, score_instances=8, max_candidates=8, train_instances=48,
                  epochs=2, lr=1e-3, global_batch_size=8, micro_batch_size=8, eval_instances=16, max_new_tokens=12,
@@ -144,6 +152,7 @@ def parse_config(argv=None) -> tuple[Config, bool]:
               (config.race_first >= 1, f"--race-first {config.race_first}"),
               (0.0 < config.race_confidence <= 1.0, f"--race-confidence {config.race_confidence}"),
               (config.eval_prompt in ("selected", "original"), f"--eval-prompt {config.eval_prompt}"),
+              (config.dtype in ("auto", "bf16", "fp16", "fp32"), f"--dtype {config.dtype}"),
               (config.schedule in ("cosine", "linear", "constant"), f"--schedule {config.schedule}")]
     for ok, what in checks:
         if not ok:
@@ -215,6 +224,18 @@ def olora_penalty(peft_model, new: str, previous: list[str], lambda1: float, lam
         if lambda2:
             l2 = l2.to(a_new.device) + a_new.norm(p=2) + module.lora_B[new].weight.norm(p=2)
     return lambda1 * orth + lambda2 * l2.to(orth.device), orth
+
+
+def olora_step_penalty(accelerator, model, name: str, previous: list[str], config: Config):
+    """The O-LoRA penalty of one optimizer step, as a term for the loss of ONE micro-batch per process.
+
+    accelerate (or DeepSpeed) divides every micro-batch loss by the accumulation steps and DDP averages gradients over
+    processes, so the term is the penalty times the accumulation steps: each process's gradient then holds the penalty
+    once, their average too. The step's gradient is that of (token-mean CE + penalty), whatever the number of
+    micro-batches and processes. Returns (term, orth) with orth = sum |A_prev A_new^T| for the log."""
+    penalty, orth = olora_penalty(accelerator.unwrap_model(model), name, previous, config.olora_lambda1,
+                                  config.olora_lambda2)
+    return penalty * accelerator.gradient_accumulation_steps, orth
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -355,6 +376,8 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         total_tokens = sum(sum(t != IGNORE_INDEX for t in encoded[i].labels[1:]) for i in batch)
         step_nll = torch.zeros((), device=accelerator.device)
         penalty_value = torch.zeros((), device=accelerator.device)
+        step_penalty = olora_step_penalty(accelerator, model, name, previous, config) \
+            if config.method == "o-lora" else None  # added to this process's first micro-batch only
         for slot, micro in micro_batches(batch, accumulation * world, rank, world):
             weight = 1.0 if micro else 0.0
             micro = micro or batch[:1]  # an empty slot runs a real sequence at zero weight to keep processes in step
@@ -371,11 +394,9 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
                 # accelerate divides by the accumulation steps and DDP averages over processes: undo both so the
                 # gradient is exactly that of sum(NLL) / total_tokens.
                 loss = nll_sum / total_tokens * accumulation * world
-                if config.method == "o-lora":
-                    penalty, orth = olora_penalty(accelerator.unwrap_model(model), name, previous,
-                                                  config.olora_lambda1, config.olora_lambda2)
-                    loss = loss + penalty
-                    penalty_value = orth.detach()
+                if step_penalty is not None:
+                    loss = loss + step_penalty[0]
+                    penalty_value, step_penalty = step_penalty[1].detach(), None
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -500,6 +521,7 @@ class TaskSelection:
     note: str = ""
     reselections: list[Reselection] = field(default_factory=list)  # ours: mid-task re-scorings
     final_instruction: str | None = None  # the instruction training ended with (re-selection may switch it)
+    dtype: str = ""  # the base weights' dtype of the model that scored the candidates (torch.bfloat16, ...)
 
     @property
     def trained_with(self) -> str:
@@ -508,14 +530,14 @@ class TaskSelection:
     def to_json(self) -> dict:
         return {"select": self.select, "split": self.split, "original": self.original, "note": self.note,
                 **self.selection.to_json(), "reselections": [dataclasses.asdict(r) for r in self.reselections],
-                "final_instruction": self.final_instruction}
+                "final_instruction": self.final_instruction, "dtype": self.dtype}
 
     @classmethod
     def from_json(cls, data: dict) -> "TaskSelection":
         return cls(select=data["select"], split=data["split"], original=data["original"], note=data.get("note", ""),
                    selection=score_prompts.Selection.from_json(data),
                    reselections=[Reselection(**r) for r in data.get("reselections", [])],
-                   final_instruction=data.get("final_instruction"))
+                   final_instruction=data.get("final_instruction"), dtype=data.get("dtype", ""))
 
 
 @dataclass
@@ -606,7 +628,7 @@ def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) 
                 token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
                 cache_path=task_dir / "score_cache.json", state_id=state_id, progress=run.progress)
     chosen = TaskSelection(select=config.select, split=split, original=task.instruction, selection=selection,
-                           note=note)
+                           note=note, dtype=str(state.model.dtype))
     run.save(task_dir / "selection.json", chosen.to_json())
     return chosen
 
@@ -758,7 +780,8 @@ def main(argv=None):
                                                   if isinstance(v, (int, float, str, bool))})
     base_path, base_adapters = resolve(config.model)
     run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
-    state = ModelState(model=load_model(config.model))  # the base (plus any adapters --model already names)
+    # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
+    state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)))
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
     originals = {t.name: t.instruction for t in tasks}

@@ -1,0 +1,95 @@
+"""Faithful at the paper's scale (issue 12): base weights in bf16 with fp32 scoring sums and fp32 LoRA weights, the
+authors' O-LoRA strength, mid-task re-selection on held-out instances with racing's confidence test."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import score_prompts
+import train_sapo
+from tasks.loaders import load_task
+from tasks.models import activate_adapters
+from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# O-LoRA: the paper preset's strength, counted once per optimizer step
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps a copy of the gradients it is stepped with."""
+
+    steps = []
+
+    def step(self, closure=None):
+        RecordingAdamW.steps.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def two_adapter_model(tok):
+    """A tiny model with a frozen adapter task1 and a trainable task2, every LoRA matrix random (peft starts B at
+    zero, which would leave A without a cross-entropy gradient)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(tiny_model(len(tok), seed=1), lora, adapter_name="task1")
+    peft_model.add_adapter("task2", lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:  # small A: the penalty's gradient (~|A_prev|) and the CE's are of one size
+                p.normal_(0.0, 0.001 if "lora_A" in name else 0.1)
+    activate_adapters(peft_model, ["task1", "task2"], trainable="task2")
+    return peft_model
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 4])  # 8 micro-steps as the authors ran, and 2
+def test_paper_olora_step_gradient_is_token_mean_ce_plus_4_orth(tmp_path, monkeypatch, micro_batch_size):
+    from accelerate import Accelerator
+
+    lambda1 = train_sapo.PRESETS["paper"]["olora_lambda1"]
+    assert lambda1 == 4.0  # = the authors' 0.5 on each of 8 micro-batches, never divided by the accumulation
+    tok = tiny_tokenizer()
+    task = load_task("sentiment", n_train=8)
+    config = train_sapo.Config(method="o-lora", olora_lambda1=lambda1, lora_dropout=0.0, global_batch_size=8,
+                               micro_batch_size=micro_batch_size, epochs=1, max_grad_norm=1e9,
+                               max_source_length=256, max_target_length=32)
+    encoded = train_sapo.encode_training_set(tok, task, task.instruction, task.train[:8], config)
+    peft_model = two_adapter_model(tok)
+    reference = copy.deepcopy(peft_model).double()
+    RecordingAdamW.steps = []
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    train_sapo.train_task(Accelerator(), peft_model, "task2", ["task1"], encoded, config, tmp_path, False)
+    assert len(RecordingAdamW.steps) == 1
+    got = dict(zip([n for n, p in reference.named_parameters() if p.requires_grad], RecordingAdamW.steps[0]))
+
+    # The reference, in float64: one unpadded forward per sequence, the NLL of every supervised token summed over the
+    # global batch and divided by their number, plus 4 * sum over modules of |A_task1 A_task2^T| (entries' L1).
+    nll, tokens = 0.0, 0
+    for e in encoded:
+        logits = reference(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
+        labels = torch.tensor(e.labels[1:])
+        nll = nll + torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        tokens += int((labels != -100).sum())
+    params = dict(reference.named_parameters())
+    orth = sum((params[n.replace(".task2.", ".task1.")] @ p.T).abs().sum()
+               for n, p in params.items() if ".lora_A.task2." in n)
+    a_name = next(n for n in params if ".lora_A.task2." in n)
+    penalty_grad = torch.autograd.grad(lambda1 * orth, params[a_name], retain_graph=True)[0]
+    (nll / tokens + lambda1 * orth).backward()
+    assert len(got) == 2 * 2 * 2 and all(".task2." in n for n in got)  # A, B of q/v_proj in 2 layers, task2
+    for name, grad in got.items():
+        want = params[name].grad
+        assert torch.allclose(grad.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), name
+    # Both parts weigh in: the penalty's gradient is neither negligible nor all of it.
+    ce_grad = params[a_name].grad - penalty_grad
+    assert 0.1 < float(penalty_grad.norm() / ce_grad.norm()) < 10.0
