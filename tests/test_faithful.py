@@ -93,3 +93,70 @@ def test_paper_olora_step_gradient_is_token_mean_ce_plus_4_orth(tmp_path, monkey
     # Both parts weigh in: the penalty's gradient is neither negligible nor all of it.
     ce_grad = params[a_name].grad - penalty_grad
     assert 0.1 < float(penalty_grad.norm() / ce_grad.norm()) < 10.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision: base weights in bf16, scoring sums in fp32, LoRA weights in fp32
+
+# bf16 keeps 8 significant bits: each weight and activation is rounded with a relative error up to 2^-9, and a few
+# layers compound that to a few 2^-9 on the logits. The NLL itself is summed in fp32 (segment_nll upcasts after the
+# LM head's matmul; tests/test_kernels.py checks that part against float64 at 1e-4), so the score of a candidate, a mean
+# over many tokens whose rounding errors partly cancel, stays within 2^-8 of its fp32 value, relative.
+BF16_REL = 2.0 ** -8
+
+
+def test_bf16_scores_are_close_to_fp32_and_pick_the_same_on_a_clear_cut_pool():
+    tok = tiny_tokenizer()
+    fp32 = tiny_model(len(tok), seed=3)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    task = load_task("sentiment", n_train=8)
+    pool = [task.instruction] + list(task.paraphrases)
+    instances = task.train[:8]
+    full = score_prompts.score_candidates(fp32, tok, task, pool, instances, progress=False)
+    half = score_prompts.score_candidates(bf16, tok, task, pool, instances, progress=False)
+    for a, b in zip(full.candidates, half.candidates):
+        assert b.score == pytest.approx(a.score, rel=BF16_REL)
+        assert b.score != a.score  # the bf16 model really ran
+    # A clear-cut pool: the fp32 best and every candidate more than two tolerances above it.
+    scores = [c.score for c in full.candidates]
+    best = full.selected
+    clear = [best] + [c for c, s in enumerate(scores) if s > scores[best] * (1 + 2 * BF16_REL)]
+    assert len(clear) >= 5
+    picks = [score_prompts.score_candidates(m, tok, task, [pool[c] for c in clear], instances, progress=False).selected
+             for m in (fp32, bf16)]
+    assert picks == [0, 0]
+
+
+def test_score_prompts_dtype_flag_records_it_and_keeps_caches_apart(model_dir, tmp_path, capsys):
+    common = ["--model", model_dir, "--task", "sentiment", "--instances", "4", "--max-candidates", "3",
+              "--no-progress", "--max-length", "256"]
+    score_prompts.main([*common, "--dtype", "fp32", "--output", str(tmp_path / "fp32.json")])
+    score_prompts.main([*common, "--dtype", "bf16", "--output", str(tmp_path / "bf16.json")])  # same cache file
+    fp32 = json.loads((tmp_path / "fp32.json").read_text())
+    bf16 = json.loads((tmp_path / "bf16.json").read_text())
+    assert (fp32["dtype"], bf16["dtype"]) == ("torch.float32", "torch.bfloat16")
+    assert not any(c["cached"] for c in bf16["candidates"])  # fp32 scores are not served for bf16
+    assert [c["score"] for c in bf16["candidates"]] == pytest.approx([c["score"] for c in fp32["candidates"]],
+                                                                      rel=BF16_REL)
+    with pytest.raises(SystemExit):
+        score_prompts.main([*common, "--dtype", "fp8"])
+    assert "--dtype" in capsys.readouterr().err
+
+
+def test_training_on_bf16_base_weights_keeps_lora_in_fp32(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    train_sapo.main(["--model", model_dir, "--output-dir", str(out), "--dtype", "bf16", "--sequence", "sentiment",
+                     "--score-instances", "4", "--max-candidates", "3", "--train-instances", "16", "--epochs", "2",
+                     "--global-batch-size", "8", "--micro-batch-size", "4", "--eval-instances", "4",
+                     "--max-new-tokens", "4", "--lr", "5e-3"])
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bf16"
+    assert json.loads((out / "1-sentiment" / "selection.json").read_text())["dtype"] == "torch.bfloat16"
+    weights = load_file(str(out / "1-sentiment" / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    assert any(float(w.abs().max()) > 0 for n, w in weights.items() if "lora_B" in n)  # B starts at zero: trained
+    losses = [json.loads(line)["loss"] for line in (out / "1-sentiment" / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    with pytest.raises(SystemExit):
+        train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "x"), "--dtype", "half"])
