@@ -110,6 +110,19 @@ def race_z(confidence, num_instances: int, num_rounds: int) -> float:
     return student_t_quantile(1.0 - (1.0 - confidence) / num_rounds, num_instances - 1)
 
 
+def paired_lower_bound(sums_a: list[float], sums_b: list[float], tokens_per_instance: float, z: float) -> float:
+    """Lower confidence bound of how much worse a is than b, in per-token units, from paired per-instance NLL sums:
+        d_i = (sum_a,i - sum_b,i) / tokens_per_instance,   bound = mean(d) - z * sd(d) / sqrt(n)
+    (sd with n - 1 degrees of freedom). A bound above zero says a is worse than b at the level z was chosen for."""
+    n = len(sums_a)
+    if n != len(sums_b) or n < 2:
+        raise SapoError(f"a paired bound needs the same instances, at least 2 (got {len(sums_a)} and {len(sums_b)})")
+    d = [(a - b) / tokens_per_instance for a, b in zip(sums_a, sums_b)]
+    mean = math.fsum(d) / n
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
+    return mean - z * sd / math.sqrt(n)
+
+
 def race_rounds(score_slice: SliceScorer, num_candidates: int, num_instances: int, *, first=8, growth=2.0,
                 confidence=0.95) -> Race:
     """The racing procedure, given `score_slice(candidates, lo, hi)` -> {candidate: (sums, counts)} for instances
@@ -138,12 +151,7 @@ def race_rounds(score_slice: SliceScorer, num_candidates: int, num_instances: in
         tokens_per_instance = sum(counts[leader]) / n
         out = []
         if math.isfinite(z) and tokens_per_instance > 0:
-            for c in survivors:
-                d = [(a - b) / tokens_per_instance for a, b in zip(sums[c], sums[leader])]
-                mean = math.fsum(d) / n
-                sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
-                if mean - z * sd / math.sqrt(n) > 0:
-                    out.append(c)
+            out = [c for c in survivors if paired_lower_bound(sums[c], sums[leader], tokens_per_instance, z) > 0]
         scored = survivors
         survivors = [c for c in survivors if c not in out]
         eliminated_in.update({c: r for c in out})

@@ -160,3 +160,74 @@ def test_training_on_bf16_base_weights_keeps_lora_in_fp32(model_dir, tmp_path):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     with pytest.raises(SystemExit):
         train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "x"), "--dtype", "half"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mid-task re-selection (ours): held-out instances, racing's paired test, the shortlist's pool indices recorded
+
+T_95_DOF_7 = 1.894579  # one-sided Student-t quantile, 0.95, 7 degrees of freedom (statistical tables)
+
+
+def crafted_selection(per_instance: dict[int, list[float]], counts: list[int]):
+    """A Selection of the shortlist with the given per-instance NLL sums (what the scorer would return)."""
+    candidates = [score_prompts.CandidateScore.from_sums(c, f"instruction {c}", sums, counts)
+                  for c, sums in sorted(per_instance.items())]
+    best = min(range(len(candidates)), key=lambda c: candidates[c].score)
+    return score_prompts.Selection(task="t", method="sapo", selected=best, instruction=candidates[best].instruction,
+                                   candidates=candidates)
+
+
+def reselector_over(per_instance, counts, monkeypatch, current=0, rescorings=1):
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(score_prompts, "select_candidates",
+                        lambda *args, **kwargs: crafted_selection(per_instance, counts))
+    shortlist = [f"instruction {c}" for c in sorted(per_instance)]
+    return train_sapo.Reselector(Accelerator(), None, None, shortlist, [7, 3, 11][:len(shortlist)], [None] * 8,
+                                 shortlist[current], train_sapo.Config(race_confidence=0.95),
+                                 lambda text: ["encoded: " + text], rescorings)
+
+
+def test_reselection_keeps_the_instruction_on_a_difference_below_the_noise(monkeypatch):
+    counts = [4] * 8
+    noise = [0.9, -1.1, 0.4, -0.2, 1.3, -0.8, 0.1, -0.6]  # per-instance sums: +-0.3 NLL per token
+    current = [4 * 4.832 + e for e in noise]
+    other = [4 * 4.829 + e + d for e, d in zip(noise, [0.5, -0.4, 0.3, -0.6, 0.2, 0.1, -0.3, 0.2])]
+    reselect = reselector_over({0: current, 1: other}, counts, monkeypatch)
+    assert reselect(None, 5) is None and reselect.current == "instruction 0"
+    event = reselect.events[0]
+    assert event.best == 3 and event.current == 7 and not event.switched  # pool indices, not shortlist positions
+    d = [(a - b) / 4 for a, b in zip(current, other)]  # by hand: mean - t * sd / sqrt(n)
+    mean = sum(d) / 8
+    sd = (sum((x - mean) ** 2 for x in d) / 7) ** 0.5
+    assert event.z == pytest.approx(T_95_DOF_7, rel=1e-6)
+    assert event.lower_bound == pytest.approx(mean - T_95_DOF_7 * sd / 8 ** 0.5, rel=1e-6) and event.lower_bound < 0
+
+
+def test_reselection_switches_when_the_best_is_confidently_better(monkeypatch):
+    counts = [4] * 8
+    noise = [0.9, -1.1, 0.4, -0.2, 1.3, -0.8, 0.1, -0.6]
+    current = [4 * 4.8 + e for e in noise]
+    better = [4 * 4.3 + e + d for e, d in zip(noise, [0.1, -0.1, 0.05, 0.0, -0.05, 0.1, -0.1, 0.0])]
+    worse = [4 * 5.5 + e for e in noise]
+    # Three candidates, two re-scorings planned: 2 x 2 comparisons share the 5% (t at 1 - 0.05/4).
+    from tasks.racing import student_t_quantile
+
+    reselect = reselector_over({0: current, 1: better, 2: worse}, counts, monkeypatch, rescorings=2)
+    assert reselect(None, 4) == ["encoded: instruction 1"] and reselect.current == "instruction 1"
+    event = reselect.events[0]
+    assert (event.current, event.best, event.switched) == (7, 3, True)
+    assert event.candidates == [7, 3, 11] and event.scores == pytest.approx([4.8, 4.3, 5.5], abs=0.05)
+    assert event.z == pytest.approx(student_t_quantile(1 - 0.05 / 4, 7)) and event.lower_bound > 0
+    assert reselect(None, 8) is None  # already training with the best: nothing to test
+    assert reselect.events[1].lower_bound is None and not reselect.events[1].switched
+
+
+def test_reselection_scores_on_held_out_instances_and_refuses_when_there_are_none():
+    task = load_task("sentiment", n_train=20)
+    config = train_sapo.Config(train_instances=12, score_instances=6)
+    held_out = train_sapo.reselection_instances(task, "train", config)
+    assert held_out == task.train[12:18]  # after the training instances: never trained on
+    short = load_task("sentiment", n_train=13)
+    with pytest.raises(train_sapo.SapoError, match="--reselect-every.*--train-instances 12.*has 13, leaving 1"):
+        train_sapo.reselection_instances(short, "train", config)
