@@ -91,9 +91,6 @@ class Sequence:
     task_names: list[str]
     data_dir: str | None = None  # None: the built-in tasks
 
-    def __len__(self):
-        return len(self.task_names)
-
 
 def instances_hash(instances: list[Instance]) -> str:
     h = hashlib.sha256()

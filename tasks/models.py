@@ -103,7 +103,7 @@ def load_tokenizer(model: str | None):
     return tokenizer
 
 
-def load_model(model: str | None, dtype=None, extra_adapters: list[str] = ()):
+def load_model(model: str | None, dtype=None):
     """The model state for inference: base weights plus every adapter of the stack, all active at their training
     scale (output = W x + sum_i scale_i * B_i A_i x), exactly as during training. Unlike the original code, earlier
     adapters are not shrunk. Returns the transformers model (with the LoRA layers inside when there are adapters).
@@ -116,7 +116,6 @@ def load_model(model: str | None, dtype=None, extra_adapters: list[str] = ()):
         net = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise _hub_error(base, e) from None
-    adapters = list(adapters) + list(extra_adapters)
     if not adapters:
         return net.eval()
     return stack_adapters(net, adapters).get_base_model().eval()
@@ -126,11 +125,8 @@ def adapter_name(index: int) -> str:
     return f"task{index + 1}"
 
 
-def stack_adapters(net, adapter_dirs: list[str], trainable_last: bool = False):
-    """Load peft adapters (stock `PeftModel.from_pretrained` + `load_adapter`) and make all of them active.
-
-    Only the last one gets gradients when `trainable_last` (seq-lora continues training it); the rest are frozen.
-    """
+def stack_adapters(net, adapter_dirs: list[str]):
+    """Load peft adapters (stock `PeftModel.from_pretrained` + `load_adapter`), all active and all frozen."""
     from peft import PeftModel
 
     for adapter in adapter_dirs:
@@ -140,7 +136,7 @@ def stack_adapters(net, adapter_dirs: list[str], trainable_last: bool = False):
     peft_model = PeftModel.from_pretrained(net, adapter_dirs[0], adapter_name=names[0])
     for name, adapter in zip(names[1:], adapter_dirs[1:]):
         peft_model.load_adapter(adapter, adapter_name=name)
-    activate_adapters(peft_model, names, trainable=names[-1] if trainable_last else None)
+    activate_adapters(peft_model, names, trainable=None)
     return peft_model
 
 
