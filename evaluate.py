@@ -32,7 +32,8 @@ The score matrix R has N+1 rows and N columns: row 0 = zero-shot, row i = scores
 - BWT_last = mean_{j<n} (R[n][j] - R[j][j])                           (GEM's BWT: last row only; None if n < 2)
 - OP       = mean_{j<=n} R[n][j]                                      (TRACE's overall performance over seen tasks)
 
-Generation: prompts are built by tasks.prompts.encode_prompt (the input text is shortened when too long), batched
+Generation: prompts are built by tasks.prompts.encode_generation_prompt with the task's input label (the input text
+is shortened when too long, and a note says for how many inputs of a task), batched
 with left padding, greedy, stopped at EOS or the chat template's end-of-turn token; the answer is the decoded generated
 tokens only. Batches are formed from the globally length-sorted prompts and dealt round-robin to the processes, so every
 batch (and its padding) is the same whatever the number of processes: 1 and 8 processes give the same answers.
@@ -55,7 +56,7 @@ import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import write_text_atomic
-from tasks.prompts import encode_prompt, pad_batch, render_prompt, render_response
+from tasks.prompts import HAN_CHARACTERS, encode_generation_prompt, pad_batch, render_prompt, render_response
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
 SCORES = ("rougeL", "exact_match")
@@ -101,8 +102,13 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
                               pad_token_id=pad_id, use_cache=True)
 
-    prompts = [encode_prompt(tokenizer, instruction, inst.input, task.suffix, max_length=max_prompt_tokens)
-               for inst in instances]
+    encoded = [encode_generation_prompt(tokenizer, instruction, inst.input, task.suffix, max_prompt_tokens,
+                                        input_label=task.input_label) for inst in instances]
+    prompts = [e.input_ids for e in encoded]
+    shortened = sum(e.truncated for e in encoded)
+    if shortened:
+        accelerator.print(f"note: {shortened} of {len(instances)} inputs of task {task.name} were shortened to fit "
+                          f"the prompt limit of {max_prompt_tokens} tokens")
     # Longest first (an out-of-memory shows at once); batches are cut from the GLOBAL order and dealt round-robin, so
     # their composition, hence padding and numerics, does not depend on the number of processes.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
@@ -136,7 +142,7 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
 # ----------------------------------------------------------------------------------------------------------------------
 # Scores of one answer
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and Han: written without spaces
+_CJK = "\u3040-\u30ff" + HAN_CHARACTERS  # kana and Han: written without spaces
 _CJK_RE = re.compile(f"[{_CJK}]")
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 

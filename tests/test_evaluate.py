@@ -14,6 +14,7 @@ import evaluate
 from evaluate import cl_metrics, exact_match, generate_answers, markdown_table, rouge_l
 from tasks.core import Instance, Task
 from tasks.errors import SapoError
+from tasks.prompts import encode_prompt
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +179,7 @@ INPUTS = ["great", "the movie was great and the actors were wonderful, the quick
 
 def reference_answer(model, tokenizer, task, instance, max_new_tokens):
     """Unbatched, unpadded greedy generation, decoded after the prompt and up to the first stop token."""
-    ids = evaluate.encode_prompt(tokenizer, task.instruction, instance.input, task.suffix)
+    ids = encode_prompt(tokenizer, task.instruction, instance.input, task.suffix)
     stops = evaluate.stop_token_ids(tokenizer, model)
     out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
@@ -191,7 +192,7 @@ def test_batched_generation_equals_unbatched(one_thread, accelerator):
     tokenizer = tiny_tokenizer()
     model = tiny_model(len(tokenizer))
     task = make_task(INPUTS)
-    lengths = {len(evaluate.encode_prompt(tokenizer, task.instruction, i.input, task.suffix)) for i in task.test}
+    lengths = {len(encode_prompt(tokenizer, task.instruction, i.input, task.suffix)) for i in task.test}
     assert len(lengths) == len(INPUTS)  # all prompt lengths differ: batches really are padded
     batched = generate_answers(model, tokenizer, task, task.instruction, task.test, accelerator, batch_size=3,
                                max_new_tokens=6, progress=False)
