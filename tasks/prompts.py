@@ -93,7 +93,9 @@ class EncodedPrompt:
 
 def _fit(tokenizer, instruction, input_text, suffix, input_label, budget_for, max_length):
     """Render the prompt, shortening the input text (from its end) until `budget_for(prompt_ids)` <= max_length."""
-    render = lambda text: render_prompt(tokenizer, instruction, text, suffix, input_label=input_label)  # noqa: E731
+    def render(text):
+        return render_prompt(tokenizer, instruction, text, suffix, input_label=input_label)
+
     prompt_text = render(input_text)
     prompt_ids = _ids(tokenizer, prompt_text)
     if max_length is None or budget_for(prompt_ids) <= max_length:
@@ -116,15 +118,17 @@ def _fit(tokenizer, instruction, input_text, suffix, input_label, budget_for, ma
 def encode_example(tokenizer, instruction: str, input_text: str, suffix: str, answer: str,
                    max_length: int | None = None, *, input_label: str = DEFAULT_INPUT_LABEL) -> Encoded:
     """Tokens and labels of one training/scoring sequence; at most `max_length` tokens in all."""
+    def response_ids_after(prompt, text):
+        return _ids(tokenizer, render_response(tokenizer, prompt, instruction, text, suffix, answer,
+                                               input_label=input_label))
+
     # The response depends on the (possibly shortened) prompt only through the template, so render it once to size it.
     prompt_text = render_prompt(tokenizer, instruction, input_text, suffix, input_label=input_label)
-    response = lambda prompt, text: render_response(tokenizer, prompt, instruction, text, suffix, answer,  # noqa: E731
-                                                    input_label=input_label)
-    response_ids = _ids(tokenizer, response(prompt_text, input_text))
+    response_ids = response_ids_after(prompt_text, input_text)
     input_text, prompt_text, prompt_ids, truncated = _fit(
         tokenizer, instruction, input_text, suffix, input_label, lambda p: len(p) + len(response_ids), max_length)
     if truncated:
-        response_ids = _ids(tokenizer, response(prompt_text, input_text))
+        response_ids = response_ids_after(prompt_text, input_text)
     return Encoded(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, len(prompt_ids),
                    truncated)
 
