@@ -133,6 +133,13 @@ def encode_example(tokenizer, instruction: str, input_text: str, suffix: str, an
                    truncated)
 
 
+def encode_task_example(tokenizer, task, instruction: str, instance, max_length: int | None = None) -> Encoded:
+    """encode_example for one Instance of a Task prompted with `instruction`: the task's suffix and input label, the
+    instance's input and training label. Training and scoring call this so that they cannot drift apart."""
+    return encode_example(tokenizer, instruction, instance.input, task.suffix, instance.label, max_length,
+                          input_label=task.input_label)
+
+
 def encode_generation_prompt(tokenizer, instruction: str, input_text: str, suffix: str,
                              max_length: int | None = None, *,
                              input_label: str = DEFAULT_INPUT_LABEL) -> EncodedPrompt:

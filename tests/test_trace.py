@@ -9,7 +9,7 @@ import pytest
 import evaluate
 from tasks.core import Task
 from tasks.loaders import load_sequence, load_task
-from tasks.prompts import encode_example, encode_generation_prompt, user_message
+from tasks.prompts import encode_example, encode_generation_prompt, encode_task_example, user_message
 from tiny import tiny_tokenizer
 
 CSTANCE_INSTRUCTION = "判断以下文本对指定对象的态度，选择一项：A.支持，B.反对，C.中立。输出A，B或者C。"
@@ -83,6 +83,7 @@ def test_trace_prompts_exact(trace_dir):
                          input_label=cstance.input_label)
     assert tok.decode(enc.input_ids) == ("<|im_start|>user\n" + message(cstance, cstance.train[0]) + "<|im_end|>\n"
                                          "<|im_start|>assistant\n<think>\n\n</think>\n\nA<|im_end|>\n")
+    assert encode_task_example(tok, cstance, cstance.instruction, cstance.train[0]) == enc
     prompt = encode_generation_prompt(tok, py150.instruction, py150.train[0].input, py150.suffix,
                                       input_label=py150.input_label)
     assert tok.decode(prompt.input_ids) == ("<|im_start|>user\nText:\ndef add(a, b):\n    return\n\nAnswer:<|im_end|>\n"
