@@ -123,3 +123,31 @@ def test_trace_scores_chinese_references_by_character(trace_dir, monkeypatch, fr
     assert math.isclose(scores["rougeL"], 800 / 9) and scores["exact_match"] == 0.0
     scores = evaluate.evaluate_task(None, None, cstance, cstance.instruction, accelerator, lang="auto")
     assert scores["rougeL"] == 50.0 and scores["exact_match"] == 50.0  # "A" right, "C" for "B" wrong
+
+
+def test_train_sapo_runs_trace_and_trains_the_empty_instruction_without_selection(trace_dir, tmp_path):
+    """`--sequence trace`: tasks with an instruction are selected from their pools, Py150 (empty instruction) is
+    trained as it is, and selection.json says so."""
+    import train_sapo
+    from tiny import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    pools = {"C-STANCE": ["请判断文本对指定对象的态度，并选择一项：A.支持，B.反对，C.中立。"],
+             "FOMC": ["Which monetary policy stance does the statement take? Choose A, B or C."],
+             "NumGLUE-cm": ["Work out the answer to this math problem."]}
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps(pools, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "run"
+    train_sapo.main(["--model", model_dir, "--data-dir", str(trace_dir), "--sequence", "trace", "--candidates",
+                     str(candidates), "--output-dir", str(out), "--score-instances", "2", "--train-instances", "2",
+                     "--epochs", "1", "--global-batch-size", "2", "--micro-batch-size", "2", "--eval-instances", "1",
+                     "--max-new-tokens", "3", "--eval-batch-size", "2"])
+    R = json.loads((out / "R.json").read_text())
+    assert R["tasks"] == ["C-STANCE", "FOMC", "Py150", "NumGLUE-cm"] and len(R["rougeL"]) == 5
+    py150 = json.loads((out / "3-Py150" / "selection.json").read_text())
+    assert py150["method"] == "none" and py150["instruction"] == "" and len(py150["candidates"]) == 1
+    assert "empty instruction" in py150["note"] and py150["candidates"][0]["score"] is None
+    for k, name in ((1, "C-STANCE"), (2, "FOMC"), (4, "NumGLUE-cm")):
+        selection = json.loads((out / f"{k}-{name}" / "selection.json").read_text())
+        scores = [c["score"] for c in selection["candidates"]]
+        assert selection["method"] == "sapo" and len(scores) == 2 and selection["selected"] == scores.index(min(scores))
