@@ -31,14 +31,14 @@ import torch
 
 import evaluate
 import score_prompts
-from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, pad_batch
+from tasks import IGNORE_INDEX, SapoError, cli_main, pad_batch
+from tasks.prompts import encode_task_example
 from tasks.core import Task
 from tasks.errors import exit_after_main
 from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
-    resolve, stack_adapters
+    resolve, resolve_dtype, stack_adapters
 from tasks.pools import PoolSource
-from tasks.precision import resolve_dtype
 from tasks.score_cache import model_state_id
 
 
@@ -245,7 +245,7 @@ def olora_step_penalty(accelerator, model, name: str, previous: list[str], confi
 
 def encode_training_set(tokenizer, task, instruction, instances, config):
     max_length = config.max_source_length + config.max_target_length
-    return [encode_example(tokenizer, instruction, inst.input, task.suffix, inst.label, max_length=max_length)
+    return [encode_task_example(tokenizer, task, instruction, inst, max_length)
             for inst in instances]
 
 
@@ -792,8 +792,8 @@ def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[s
     """An adapter stack that `--model <task dir>` (tasks.models) loads as the state after this task, with the
     instructions its tasks were trained with."""
     run.save(task_dir / STACK_FILE, {"base_model": run.base_path, "instructions": dict(trained_with),
-                                     "adapters": run.base_adapters + [os.path.relpath(a, task_dir)
-                                                                      for a in state.adapter_dirs]})
+                                     "adapters": [os.path.abspath(a) for a in run.base_adapters]  # as given
+                                     + [os.path.relpath(a, task_dir) for a in state.adapter_dirs]})  # beside it
 
 
 def print_summary(run: Run, rows: list[Row], timings: dict):

@@ -2,7 +2,6 @@
 authors' O-LoRA strength, mid-task re-selection on held-out instances with racing's confidence test."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
