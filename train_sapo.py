@@ -113,7 +113,9 @@ PRESETS = {
     # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
     "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
                   olora_lambda1=4.0),
-    # Small enough to finish in minutes on a 2-core CPU with SmolLM2-135M; still the whole algorithm.
+    # Small enough to finish in minutes on a 2-core CPU with SmolLM2-135M; still the whole algorithm. Its sequence
+    # (tasks/builtin.py) has tasks SmolLM2-135M learns in 12 steps: `animal` was dropped, as it ended every
+    # prediction "yes" (below its zero-shot score).
     "demo": dict(sequence="demo", model=DEFAULT_MODEL, score_instances=8, max_candidates=8, train_instances=48,
                  epochs=2, lr=1e-3, global_batch_size=8, micro_batch_size=8, eval_instances=16, max_new_tokens=12,
                  max_source_length=384, max_target_length=32, output_dir="runs/demo"),

@@ -697,7 +697,7 @@ BUILTIN_TASK_NAMES: tuple[str, ...] = tuple(spec.name for spec in _SPECS)
 
 BUILTIN_SEQUENCES: dict[str, list[str]] = {
     # The default of train_sapo.py: three short tasks, classification and generation mixed.
-    "demo": ["sentiment", "reverse_list", "animal"],
+    "demo": ["sentiment", "reverse_list", "topic"],
     # Five tasks, mixed like SuperNI's NI-Seq-M1.
     "builtin": ["topic", "sort_numbers", "sentiment", "date_format", "animal"],
     # Five generation tasks.
