@@ -59,7 +59,7 @@ class Config:
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
     score_instances: int = 250  # candidates are scored on the first N training instances
     race_first: int = 8  # sapo-race (ours): instances of the first round (then x2 per round up to score_instances)
-    race_confidence: float = 0.95  # sapo-race (ours): confidence that the best candidate survives; 1.0 = never drop
+    race_confidence: float = 0.95  # racing and re-selection (ours): confidence of a drop or a switch; 1.0 = never
     train_instances: int = 1000  # train on the first N training instances
     train_on_dev_if_missing: bool = False  # a task without a train split trains (and is scored) on dev, logged
     epochs: int = 10
@@ -76,7 +76,7 @@ class Config:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_targets: str = "q_proj,v_proj"
-    olora_lambda1: float = 0.5  # O-LoRA weight per optimizer step; preset paper: 4.0 = the authors' 0.5 x 8 micro-steps
+    olora_lambda1: float = 0.5  # O-LoRA weight per step; paper preset 4.0 = authors' 0.5 x 8 undivided micro-batches
     olora_lambda2: float = 0.0  # O-LoRA weight of the new adapter's L2 norms, per optimizer step
     eval_prompt: str = "selected"  # selected | original: instruction for already-trained tasks at evaluation
     eval_split: str = "test"
@@ -86,7 +86,7 @@ class Config:
     score_token_budget: int = 16384
     # Ours: re-score every N steps on the train instances after --train-instances (held out); switch only when the
     # best is better than the current one by racing's paired test at --race-confidence. 0 = off (the paper).
-    reselect_every: int = 0  # ours: steps between re-selections on held-out train instances (paired test); 0 = off
+    reselect_every: int = 0  # ours: steps between re-selections on the train instances after --train-instances; 0=off
     reselect_top: int | None = None  # ours: re-score only the best K candidates of the first selection (None = all)
     checkpoint_every: int = 0  # optimizer steps between training checkpoints; 0 = once per epoch
     seed: int = 42
