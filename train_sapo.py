@@ -375,6 +375,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     checkpoint = task_dir / "checkpoint"
     log_path = task_dir / "train_log.jsonl"
     start_step, earlier_seconds = 0, 0.0
+    recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
         accelerator.load_state(str(checkpoint), strict=False)
         saved = read_json(checkpoint / "sapo_step.json")
@@ -488,10 +489,26 @@ def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "sapo_step.json").write_text(json.dumps({"step": step, **(extra or {})}))
+        (tmp / "sapo_step.json").write_text(json.dumps({"step": step, **(extra or {})}))  # last: tmp is complete
+        # Renames only: `checkpoint` is always complete or absent (deleting it first left a window with neither).
+        old = checkpoint.with_name(checkpoint.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if checkpoint.exists():
-            shutil.rmtree(checkpoint)
+            os.replace(checkpoint, old)
         os.replace(tmp, checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def recover_checkpoint(accelerator, checkpoint: Path):
+    """After a kill inside save_checkpoint's swap: no `checkpoint`, but a complete new one (.tmp) or the previous one
+    (.old) next to it. Put the newest complete one back."""
+    if accelerator.is_main_process and not checkpoint.exists():
+        for suffix in (".tmp", ".old"):
+            candidate = checkpoint.with_name(checkpoint.name + suffix)
+            if (candidate / "sapo_step.json").exists():
+                os.replace(candidate, checkpoint)
+                break
     accelerator.wait_for_everyone()
 
 

@@ -337,6 +337,8 @@ def test_resumed_training_logs_each_step_once_and_sums_its_seconds(model_dir, tm
     assert [json.loads(x)["step"] for x in (task_dir / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     first_segment = json.loads((task_dir / "checkpoint" / "sapo_step.json").read_text())["seconds"]
     assert first_segment >= 2.0  # steps 1 and 2
+    # A kill inside the checkpoint's swap: the complete new checkpoint is still under its temporary name.
+    (task_dir / "checkpoint").rename(task_dir / "checkpoint.tmp")
 
     monkeypatch.setattr(train_sapo, "micro_batches", real_micro)
     monkeypatch.setattr(train_sapo, "save_checkpoint", real_save)
@@ -351,6 +353,7 @@ def test_resumed_training_logs_each_step_once_and_sums_its_seconds(model_dir, tm
 
     monkeypatch.setattr(train_sapo, "train_task", timed_train)
     train_sapo.main(args)
+    assert f"resuming training of 1-{TASK} at step 2/6" in capsys.readouterr().out
     log = [json.loads(x)["step"] for x in (task_dir / "train_log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]
     training = json.loads((task_dir / "training.json").read_text())
