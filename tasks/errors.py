@@ -18,6 +18,13 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errn
                       errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EIO}
 
 _at_exit = []  # resources main() holds until it returns (the run directory's lock), released in this order reversed
+_output_places = []  # where main() writes (the run directory): named when a write fails without a file name
+
+
+def writing_under(place):
+    """Register the directory main() writes its results under: a failed write() that names no file (a full disk
+    inside a plain file write) is reported as under this directory."""
+    _output_places.append(str(place))
 
 
 def release_at_main_exit(release):
@@ -29,6 +36,7 @@ def release_at_main_exit(release):
 def release_main_resources():
     while _at_exit:
         _at_exit.pop()()
+    _output_places.clear()
 
 
 def describe_os_error(e: OSError) -> str:
@@ -71,8 +79,10 @@ def writing(path):
         if not any(failure in text for failure in TORCH_WRITE_FAILURES):
             raise
         free = free_bytes(path)
-        detail = f"write failed ({free} bytes free on its device)" if free is not None else "write failed"
-        raise OSError(errno.ENOSPC if free is not None and free < 1 << 20 else errno.EIO, detail, str(path)) from e
+        full = free is not None and free < 1 << 20
+        detail = "write failed" + (f": {os.strerror(errno.ENOSPC)}" if full else "") + \
+            (f" ({free} bytes free on its device)" if free is not None else "")
+        raise OSError(errno.ENOSPC if full else errno.EIO, detail, str(path)) from e
 
 
 def cli_main(fn):
@@ -89,7 +99,8 @@ def cli_main(fn):
         except OSError as e:
             if e.errno not in ENVIRONMENT_ERRNOS:
                 raise
-            print(f"error: {describe_os_error(e)}", file=sys.stderr)
+            where = "" if e.filename is not None or not _output_places else f"{_output_places[-1]}: "
+            print(f"error: {where}{describe_os_error(e)}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted: rerun the same command to resume", file=sys.stderr)

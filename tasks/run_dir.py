@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import SapoError, describe_os_error, release_at_main_exit
+from tasks.errors import SapoError, release_at_main_exit, writing, writing_under
 from tasks.loaders import read_json, write_json
 
 CONFIG_FILE = "config.json"
@@ -88,9 +88,10 @@ class RunLock:
                 raise SapoError(f"{run_dir} is in use by another run ({holder}); wait for it to end, or use another "
                                 "--output-dir") from None
             raise
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         release_at_main_exit(self.release)
+        os.ftruncate(self.fd, 0)
+        with writing(self.path):
+            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
 
     def release(self):
         if self.fd is not None:
@@ -114,6 +115,7 @@ def open_run_dir(run_dir: Path, config: dict, key: RunKey, overwrite: bool) -> s
     if run_dir.exists() and not run_dir.is_dir():
         raise SapoError(f"--output-dir {run_dir} is a file, not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
+    writing_under(run_dir)
     RunLock(run_dir)
     saved = read_config(run_dir)
     note = None
@@ -130,7 +132,8 @@ def open_run_dir(run_dir: Path, config: dict, key: RunKey, overwrite: bool) -> s
                             "run aside and start afresh")
         if problem:
             note = f"moved the earlier run to {move_aside(run_dir)}"
-    write_json(run_dir / CONFIG_FILE, {**config, KEY_FIELD: key.to_json()})
+    with writing(run_dir / CONFIG_FILE):
+        write_json(run_dir / CONFIG_FILE, {**config, KEY_FIELD: key.to_json()})
     return note
 
 
@@ -157,7 +160,7 @@ def check_writable_file(path, flag: str):
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise SapoError(f"{flag} {path} cannot be written: {describe_os_error(e)}") from None
+        raise SapoError(f"{flag} {path} cannot be written: {parent}: {e.strerror}") from None
 
 
 def pool_hash(pool: list[str]) -> str:

@@ -19,7 +19,7 @@ import torch
 
 import score_prompts
 import train_sapo
-from tasks.errors import SapoError, cli_main, release_main_resources, writing
+from tasks.errors import SapoError, cli_main, release_main_resources, writing, writing_under
 from tasks.run_dir import CONFIG_FILE, KEY_FIELD, RunKey, RunLock, check_writable_file, open_run_dir
 from test_tasks import write_sapo_dir
 from tiny import save_tiny_model_dir
@@ -272,6 +272,17 @@ def test_failed_write_is_one_line_naming_the_path(tmp_path, capsys, writer, mess
 
     code, line = exit_line(save, [], capsys)
     assert code == 2 and line.startswith(f"error: {target}: {message}")
+
+
+def test_failed_write_without_a_file_name_names_the_run_directory(tmp_path, capsys):
+    @cli_main
+    def write(argv):
+        writing_under(tmp_path)  # what open_run_dir registers
+        with file_size_limit(1024), open(tmp_path / "predictions.jsonl", "w") as f:
+            f.write("x" * 4096)  # the OSError of a plain write names no file
+            f.flush()
+
+    assert exit_line(write, [], capsys) == (2, f"error: {tmp_path}: File too large")
 
 
 def test_output_paths_that_cannot_be_written_fail_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
