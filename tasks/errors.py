@@ -95,20 +95,31 @@ def cli_main(fn):
             return fn(*args, **kwargs)
         except SapoError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            end_process(2)
         except OSError as e:
             if e.errno not in ENVIRONMENT_ERRNOS:
                 raise
             where = "" if e.filename is not None or not _output_places else f"{_output_places[-1]}: "
             print(f"error: {where}{describe_os_error(e)}", file=sys.stderr)
-            sys.exit(2)
+            end_process(2)
         except KeyboardInterrupt:
             print("interrupted: rerun the same command to resume", file=sys.stderr)
-            sys.exit(130)
+            end_process(130)
         finally:
             release_main_resources()
 
     return wrapper
+
+
+def end_process(code: int):
+    """sys.exit(code); launched on several processes, without the interpreter's finalization (see exit_after_main:
+    an error exit there ended in SIGABRT instead of its code, seen on a refused 2-process CPU launch)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        release_main_resources()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def exit_after_main():
