@@ -42,7 +42,7 @@ import torch
 from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, instances_hash
 from tasks import packing
 from tasks.candidates import select_index
-from tasks.errors import describe_os_error, exit_after_main
+from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
 from tasks.loaders import read_json, write_json
 from tasks.pools import PoolSource
@@ -471,7 +471,9 @@ def main(argv=None):
             print_rounds(result)
         if args.output:
             try:
-                write_json(args.output, {**result.to_json(), "model": args.model or "default", "split": args.split})
+                with writing(args.output):
+                    write_json(args.output, {**result.to_json(), "model": args.model or "default",
+                                             "split": args.split})
             except OSError as e:
                 kept = (f"the scores are kept in the cache {cache_path}: rerun with a writable --output and --cache "
                         f"{cache_path} to write them without scoring again") if cache_path else "the scores are above"
