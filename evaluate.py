@@ -3,20 +3,25 @@ score matrix R.
 
 Two ways to run it:
 
-    # report: recompute the metrics of a run from its R.json, print them and R as a markdown table, and write
-    # metrics.json, R.csv (+ R_exact_match.csv) and an R.png heatmap into the run directory
+    # report: recompute the metrics of a run from its R.json and print them and R as a markdown table. Reporting
+    # only reads (an archived, read-only run works); --write also writes metrics.json, R.csv (+ R_exact_match.csv)
+    # and an R.png heatmap into the run directory, as train_sapo.py does at the end of a run
     python evaluate.py runs/my_run
+    python evaluate.py runs/my_run --write
     python evaluate.py --compare runs/original runs/sapo        # several runs side by side (one column per run)
 
     # run: evaluate a model (a hub id, an HF directory, a peft adapter or an adapter stack) on named tasks, e.g. the
     # zero-shot row; the same command runs on CPU, one GPU or many (the topology lives in `accelerate launch`)
     python evaluate.py --model DIR --tasks task195,task1310 --data-dir ../shared/data/superni --output-dir out/
-    accelerate launch --num_processes 8 evaluate.py --model runs/my_run/adapters --tasks ... --output-dir out/
+    python evaluate.py --model runs/my_run/2-task1310 --tasks task195,task1310 --data-dir ...   # reproduces row 2 of R
+    accelerate launch --num_processes 8 evaluate.py --model runs/my_run/5-task224 --tasks ... --output-dir out/
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 evaluate.py --model DIR --tasks ...
 
-    --instructions FILE: JSON {task: instruction} or {task: {"instruction": ...}} to evaluate with (e.g. the selected
-    paraphrases); tasks it does not name use their original instruction. The run mode writes
-    OUTPUT_DIR/predictions/<task>.jsonl and OUTPUT_DIR/scores.json.
+    Instructions: a run's task folder (an adapter stack) stores the instruction each of its tasks was trained with;
+    those are used for the tasks it names (--original-instructions: the originals for all). --instructions FILE
+    (JSON {task: instruction} or {task: {"instruction": ...}}) overrides both for the tasks it names. --dtype
+    auto|bf16|fp16|fp32 is the base weights' dtype (auto: bf16 on a GPU that supports it, else fp32). The run mode
+    writes OUTPUT_DIR/predictions/<task>.jsonl and OUTPUT_DIR/scores.json.
 
 Scores (x100, averaged over instances):
 - ROUGE-L F1 from rouge-score with the Porter stemmer, max over an instance's references. rouge-score's default
@@ -32,7 +37,8 @@ The score matrix R has N+1 rows and N columns: row 0 = zero-shot, row i = scores
 - BWT_last = mean_{j<n} (R[n][j] - R[j][j])                           (GEM's BWT: last row only; None if n < 2)
 - OP       = mean_{j<=n} R[n][j]                                      (TRACE's overall performance over seen tasks)
 
-Generation: prompts are built by tasks.prompts.encode_prompt (the input text is shortened when too long), batched
+Generation: prompts are built by tasks.prompts.encode_generation_prompt with the task's input label (the input text
+is shortened when too long, and a note says for how many inputs of a task), batched
 with left padding, greedy, stopped at EOS or the chat template's end-of-turn token; the answer is the decoded generated
 tokens only. Batches are formed from the globally length-sorted prompts and dealt round-robin to the processes, so every
 batch (and its padding) is the same whatever the number of processes: 1 and 8 processes give the same answers.
@@ -55,7 +61,7 @@ import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import write_text_atomic
-from tasks.prompts import encode_prompt, pad_batch, render_prompt, render_response
+from tasks.prompts import HAN_CHARACTERS, encode_generation_prompt, pad_batch, render_prompt, render_response
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
 SCORES = ("rougeL", "exact_match")
@@ -101,8 +107,13 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
                               pad_token_id=pad_id, use_cache=True)
 
-    prompts = [encode_prompt(tokenizer, instruction, inst.input, task.suffix, max_length=max_prompt_tokens)
-               for inst in instances]
+    encoded = [encode_generation_prompt(tokenizer, instruction, inst.input, task.suffix, max_prompt_tokens,
+                                        input_label=task.input_label) for inst in instances]
+    prompts = [e.input_ids for e in encoded]
+    shortened = sum(e.truncated for e in encoded)
+    if shortened:
+        accelerator.print(f"note: {shortened} of {len(instances)} inputs of task {task.name} were shortened to fit "
+                          f"the prompt limit of {max_prompt_tokens} tokens")
     # Longest first (an out-of-memory shows at once); batches are cut from the GLOBAL order and dealt round-robin, so
     # their composition, hence padding and numerics, does not depend on the number of processes.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
@@ -136,7 +147,7 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
 # ----------------------------------------------------------------------------------------------------------------------
 # Scores of one answer
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and Han: written without spaces
+_CJK = "\u3040-\u30ff" + HAN_CHARACTERS  # kana and Han: written without spaces
 _CJK_RE = re.compile(f"[{_CJK}]")
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 
@@ -343,25 +354,39 @@ def plot_heatmap(R, tasks, labels, path, title):
     plt.close(fig)
 
 
-def write_report(run_dir, metric="rougeL") -> dict:
-    """Read run_dir/R.json; write metrics.json, R.csv (`metric`), R_<score>.csv (other scores) and R.png.
-    Returns the metrics of `metric` (plus the tasks and the other scores' metrics under "other")."""
+def _run_and_metrics(run_dir, metric) -> tuple[dict, dict]:
     run = read_run(run_dir)
     if metric not in run:
         present = ", ".join(s for s in SCORES if s in run)
         raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present})")
-    R, tasks, labels = run[metric], run["tasks"], run["rows"]
-    metrics = {"metric": metric, **cl_metrics(R), "tasks": tasks,
+    metrics = {"metric": metric, **cl_metrics(run[metric]), "tasks": run["tasks"],
                "other": {s: cl_metrics(run[s]) for s in SCORES if s in run and s != metric}}
+    return run, metrics
+
+
+def report_metrics(run_dir, metric="rougeL") -> dict:
+    """The metrics of run_dir/R.json on `metric` (plus the tasks and the other scores' metrics under "other"), as
+    write_report returns them. Reads only: a run that is reported on or compared is never modified."""
+    return _run_and_metrics(run_dir, metric)[1]
+
+
+def write_report(run_dir, metric="rougeL") -> dict:
+    """Read run_dir/R.json; write metrics.json, R.csv (`metric`), R_<score>.csv (other scores) and R.png.
+    Returns the metrics of `metric` (plus the tasks and the other scores' metrics under "other")."""
+    run, metrics = _run_and_metrics(run_dir, metric)
+    R, tasks, labels = run[metric], run["tasks"], run["rows"]
     run_dir = Path(run_dir)
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_text_atomic(run_dir / "R.csv", _csv(labels, tasks, R))
-    for s in metrics["other"]:
-        write_text_atomic(run_dir / f"R_{s}.csv", _csv(labels, tasks, run[s]))
     try:
-        plot_heatmap(R, tasks, labels, run_dir / "R.png", f"{run_dir.name}: {metric}")
-    except ImportError:
-        print(f"note: matplotlib is not installed, so {run_dir / 'R.png'} was not drawn (pip install matplotlib)")
+        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(run_dir / "R.csv", _csv(labels, tasks, R))
+        for s in metrics["other"]:
+            write_text_atomic(run_dir / f"R_{s}.csv", _csv(labels, tasks, run[s]))
+        try:
+            plot_heatmap(R, tasks, labels, run_dir / "R.png", f"{run_dir.name}: {metric}")
+        except ImportError:
+            print(f"note: matplotlib is not installed, so {run_dir / 'R.png'} was not drawn (pip install matplotlib)")
+    except OSError as e:
+        raise SapoError(f"cannot write the report into {run_dir}: {e.strerror or e}") from None
     return metrics
 
 
@@ -388,6 +413,9 @@ def parse_args(argv=None):
     report.add_argument("run_dir", nargs="?", help="a run directory holding R.json")
     report.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="several runs side by side")
     report.add_argument("--metric", default="rougeL", choices=SCORES, help="the score the metrics are computed on")
+    report.add_argument("--write", action="store_true",
+                        help="also write metrics.json, R.csv, R_<score>.csv and R.png into each run directory "
+                             "(without it, reporting and comparing only read)")
     run = p.add_argument_group("evaluate a model on tasks")
     run.add_argument("--model", help="hub id, HF directory, peft adapter dir or adapter stack (default: offline model)")
     run.add_argument("--tasks", help="comma-separated task names")
@@ -395,13 +423,16 @@ def parse_args(argv=None):
     run.add_argument("--split", default="test", choices=("train", "dev", "test"))
     run.add_argument("--max-instances", type=int, help="evaluate the first N instances of the split")
     run.add_argument("--instructions", help="JSON {task: instruction} to prompt with instead of the original")
+    run.add_argument("--original-instructions", action="store_true",
+                     help="prompt with the original instructions even when --model is a run's task folder whose "
+                          "sapo_stack.json stores the instructions its tasks were trained with (the default uses those)")
     run.add_argument("--output-dir", help="write predictions/<task>.jsonl and scores.json here")
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--max-new-tokens", type=int, default=128)
     run.add_argument("--max-prompt-tokens", type=int, default=1536)
     run.add_argument("--lang", default="auto", choices=("auto", "en", "zh"), help="ROUGE tokenization per task")
-    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="auto: bfloat16 on GPU, float32 on CPU")
+    run.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                     help="base weights' dtype; auto: bf16 on a GPU that supports it, else fp32 (LoRA weights stay fp32)")
     run.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     modes = [name for name, on in (("RUN_DIR", args.run_dir), ("--compare", args.compare), ("--tasks", args.tasks))
@@ -413,25 +444,32 @@ def parse_args(argv=None):
                 + (f" (got {' and '.join(modes)})" if modes else ""))
     if args.max_instances is not None and args.max_instances < 1:
         p.error("--max-instances must be at least 1")
+    if args.write and args.tasks:
+        p.error("--write writes a run's report; it goes with RUN_DIR or --compare, not --tasks (see --output-dir)")
     return args
 
 
 def report_main(args):
+    """Print a run's R and metrics, or several runs' metrics side by side; write report files only with --write."""
+    report = write_report if args.write else report_metrics
     if args.compare:
         reports, names = {}, [Path(d).resolve().name for d in args.compare]
         for d, name in zip(args.compare, names):
-            reports[name if names.count(name) == 1 else d] = write_report(d, args.metric)
+            reports[name if names.count(name) == 1 else d] = report(d, args.metric)
         if len({tuple(r["tasks"]) for r in reports.values()}) > 1:
             print("note: the runs do not have the same task sequence")
         print(f"metrics on {args.metric}\n\n{compare_table(reports)}")
+        if args.write:
+            print(f"\nwrote the report files of {args.metric} into {', '.join(args.compare)}")
         return reports
     run = read_run(args.run_dir)
-    metrics = write_report(args.run_dir, args.metric)
+    metrics = report(args.run_dir, args.metric)
     print(f"{args.run_dir}: {args.metric}, {metrics['progress']['note']}\n")
     print(markdown_table(run[args.metric], run["tasks"]) + "\n")
     for m in METRICS:
         print(f"{m:9s}{_fmt(metrics[m], 2):>8s}   rows {metrics['rows_used'][m]}")
-    print(f"\nwrote metrics.json, R.csv{''.join(f', R_{s}.csv' for s in metrics['other'])}, R.png in {args.run_dir}")
+    if args.write:
+        print(f"\nwrote metrics.json, R.csv{''.join(f', R_{s}.csv' for s in metrics['other'])}, R.png in {args.run_dir}")
     return metrics
 
 
@@ -457,31 +495,48 @@ def run_main(args):
     from accelerate import Accelerator
 
     from tasks.loaders import load_task
-    from tasks.models import load_model, load_tokenizer
+    from tasks.models import STACK_FILE, load_model, load_tokenizer, read_stack, resolve_dtype
 
     accelerator = Accelerator()
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise SapoError("--tasks names no task")
     tasks = [load_task(name, args.data_dir) for name in names]  # bad names fail before the model loads
-    instructions = read_instructions(args.instructions) if args.instructions else {}
-    unknown = set(instructions) - {t.name for t in tasks} - set(names)
+    given = read_instructions(args.instructions) if args.instructions else {}
+    unknown = set(given) - {t.name for t in tasks} - set(names)
     if unknown:
         accelerator.print(f"note: {args.instructions} names tasks not evaluated here: {', '.join(sorted(unknown))}")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32)
+    # A run's task folder stores the instructions its tasks were trained with: prompting with those reproduces R.
+    stack_file = Path(args.model) / STACK_FILE if args.model else None
+    stored = {}
+    if stack_file is not None and stack_file.exists() and not args.original_instructions:
+        stored = read_stack(stack_file).instructions
+
+    def instruction_for(name, task) -> tuple[str, str]:
+        """(instruction, where it comes from): --instructions, else the stack's stored one, else the original."""
+        for source, table in (("file", given), ("stack", stored)):
+            for key in (task.name, name):
+                if key in table:
+                    return table[key], source
+        return task.instruction, "original"
+
+    chosen = [instruction_for(name, task) for name, task in zip(names, tasks)]
+    from_stack = [task.name for task, (_, source) in zip(tasks, chosen) if source == "stack"]
+    if from_stack:
+        accelerator.print(f"note: {', '.join(from_stack)} prompted with the instructions stored in {stack_file} (the "
+                          "ones they were trained with); --original-instructions prompts with the original ones")
+    dtype = resolve_dtype(args.dtype, accelerator.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype).to(accelerator.device)
 
     results = []
-    for name, task in zip(names, tasks):
-        instruction = instructions.get(task.name, instructions.get(name, task.instruction))
+    for task, (instruction, source) in zip(tasks, chosen):
         predictions = Path(args.output_dir) / "predictions" / f"{task.name}.jsonl" if args.output_dir else None
         scores = evaluate_task(model, tokenizer, task, instruction, accelerator, split=args.split,
                                max_instances=args.max_instances, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                predictions_path=predictions, lang=args.lang, progress=not args.no_progress)
-        results.append({"task": task.name, "instruction": instruction, **scores})
+        results.append({"task": task.name, "instruction": instruction, "instruction_source": source, **scores})
         accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}  "
                           f"({scores['num_instances']} instances)")
 

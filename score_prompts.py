@@ -39,13 +39,14 @@ from pathlib import Path
 
 import torch
 
-from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, instances_hash
+from tasks import IGNORE_INDEX, SapoError, cli_main, instances_hash
 from tasks import packing
 from tasks.candidates import select_index
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
 from tasks.loaders import read_json, write_json
 from tasks.pools import PoolSource
+from tasks.prompts import encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, score_key
@@ -150,7 +151,7 @@ def reference_score(model, tokenizer, task, instruction: str, instances, max_len
     for tests and benchmarks, which compare score_candidates with it."""
     sums, counts = [], []
     for x in instances:
-        e = encode_example(tokenizer, instruction, x.input, task.suffix, x.label, max_length)
+        e = encode_task_example(tokenizer, task, instruction, x, max_length)
         n = sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
         loss = model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item()
         sums.append(loss * n)
@@ -212,7 +213,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
     for c in todo:
         first = len(encoded)
         for i, inst in enumerate(instances):
-            encoded.append(encode_example(tokenizer, candidates[c], inst.input, task.suffix, inst.label, max_length))
+            encoded.append(encode_task_example(tokenizer, task, candidates[c], inst, max_length))
             where.append((c, i))
         lengths[c] = [(sid, len(encoded[sid].input_ids)) for sid in range(first, len(encoded))]
         prefixes[c] = packing.shared_prefix(encoded[first:])
@@ -327,7 +328,7 @@ def race_candidates(model, tokenizer, task, candidates: list[str], instances, ac
     # the candidate scored furthest stand for every candidate; instances nobody reached are encoded to count them.
     counts = list(race.counts[race.selected])
     for inst in instances[len(counts):]:
-        e = encode_example(tokenizer, candidates[race.selected], inst.input, task.suffix, inst.label, max_length)
+        e = encode_task_example(tokenizer, task, candidates[race.selected], inst, max_length)
         counts.append(sum(1 for j, t in enumerate(e.labels) if t != IGNORE_INDEX and j > 0))
     return Selection(task=task.name, method="sapo-race", selected=race.selected,
                      instruction=candidates[race.selected], candidates=ordered, num_instances=len(instances),
@@ -440,6 +441,9 @@ def main(argv=None):
     if args.split == "train" and "train" in task.missing_splits:
         raise SapoError(f"task {task.name} has no train split in {task.source or 'its source'}; "
                         "use --split dev to score on dev explicitly")
+    if not task.instruction.strip():
+        raise SapoError(f"task {task.name} has an empty instruction: there is nothing to paraphrase or select "
+                        "(train_sapo.py trains such a task as it is)")
     instances = task.split(args.split)[:args.instances]
     source.check_task(task)
     out_dir = Path(args.output).parent if args.output else None

@@ -31,7 +31,8 @@ import torch
 
 import evaluate
 import score_prompts
-from tasks import IGNORE_INDEX, SapoError, cli_main, encode_example, pad_batch
+from tasks import IGNORE_INDEX, SapoError, cli_main, pad_batch
+from tasks.prompts import encode_task_example
 from tasks.core import Task
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
@@ -268,7 +269,7 @@ def olora_penalty(peft_model, new: str, previous: list[str], lambda1: float, lam
 
 def encode_training_set(tokenizer, task, instruction, instances, config):
     max_length = config.max_source_length + config.max_target_length
-    return [encode_example(tokenizer, instruction, inst.input, task.suffix, inst.label, max_length=max_length)
+    return [encode_task_example(tokenizer, task, instruction, inst, max_length)
             for inst in instances]
 
 
@@ -799,8 +800,8 @@ def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[s
     """An adapter stack that `--model <task dir>` (tasks.models) loads as the state after this task, with the
     instructions its tasks were trained with."""
     run.save(task_dir / STACK_FILE, {"base_model": run.base_path, "instructions": dict(trained_with),
-                                     "adapters": run.base_adapters + [os.path.relpath(a, task_dir)
-                                                                      for a in state.adapter_dirs]})
+                                     "adapters": [os.path.abspath(a) for a in run.base_adapters]  # as given
+                                     + [os.path.relpath(a, task_dir) for a in state.adapter_dirs]})  # beside it
 
 
 def print_summary(run: Run, rows: list[Row], timings: dict):

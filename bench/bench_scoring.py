@@ -75,13 +75,9 @@ def check_naive_matches_hf(model, tokenizer, task, candidate, instances):
 
 
 def single_losses(model, tokenizer, task, candidate, instances):
-    """Per-instance losses from one unpadded forward each: the fp32 noise floor of the batched naive method."""
-    out = []
-    with torch.no_grad():
-        for x in instances:
-            e = encode_example(tokenizer, candidate, x.input, task.suffix, x.label)
-            out.append(model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item())
-    return out
+    """Per-instance losses from one unpadded forward each (score_prompts.reference_score): the fp32 noise floor of
+    the batched naive method."""
+    return score_prompts.reference_score(model, tokenizer, task, candidate, instances).instance_losses
 
 
 def main():
@@ -130,12 +126,12 @@ def main():
             encode_example(tokenizer, c, x.input, task.suffix, x.label, 2048)
     encode_t = time.perf_counter() - t
 
-    ours_scores = [r["score"] for r in ours["candidates"]]
+    ours_scores = [r.score for r in ours.candidates]
     naive_token = [n[1] for n in naive]
     naive_batch = [n[0] for n in naive]
     max_diff = max(abs(a - b) for a, b in zip(ours_scores, naive_token))
-    max_inst_diff = max(abs(a - b) for r, n in zip(ours["candidates"], naive)
-                        for a, b in zip(r["instance_losses"], n[2]))
+    max_inst_diff = max(abs(a - b) for r, n in zip(ours.candidates, naive)
+                        for a, b in zip(r.instance_losses, n[2]))
     # How far the naive method is from itself (padded batch of 8 vs one unpadded sequence at a time): differences of
     # that size are fp32 rounding of differently shaped matmuls, not a different loss.
     floor = max(abs(a - b) for c in range(min(2, len(candidates)))
@@ -145,8 +141,8 @@ def main():
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "model": model.config._name_or_path, "task": task.name,
         "candidates": len(candidates), "instances": len(instances), "token_budget": args.token_budget,
-        "row_tokens": args.row_tokens, "packing": ours["packing"], "batches": ours["num_batches"],
-        "naive_tokens_forwarded": naive_tokens, "ours_tokens_forwarded": ours["tokens_forwarded"],
+        "row_tokens": args.row_tokens, "packing": ours.packing, "batches": ours.num_batches,
+        "naive_tokens_forwarded": naive_tokens, "ours_tokens_forwarded": ours.tokens_forwarded,
         "naive_seconds": min(naive_t), "ours_seconds": min(ours_t), "encode_seconds": encode_t,
         "speedup": min(naive_t) / min(ours_t),
         "speedup_excluding_encoding": (min(naive_t) - encode_t) / (min(ours_t) - encode_t),
@@ -168,7 +164,7 @@ def main():
           "| method | seconds (best of %d) | tokens through the model (with padding) |" % args.repeats,
           "|---|---|---|",
           f"| naive (HF forward, padded batches of 8) | {result['naive_seconds']:.2f} | {naive_tokens} |",
-          f"| score_prompts | {result['ours_seconds']:.2f} | {ours['tokens_forwarded']} |",
+          f"| score_prompts | {result['ours_seconds']:.2f} | {ours.tokens_forwarded} |",
           f"| (tokenization, in both) | {encode_t:.2f} | |", "",
           f"Speed-up: **{result['speedup']:.2f}x** ({result['speedup_excluding_encoding']:.2f}x excluding "
           "tokenization).", "",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -47,7 +46,8 @@ import score_prompts  # noqa: E402
 import train_sapo  # noqa: E402
 from bench_scoring import naive_scores  # noqa: E402
 from tasks.builtin import BUILTIN_TASK_NAMES  # noqa: E402
-from tasks.candidates import candidate_pool, filter_candidates  # noqa: E402
+from tasks.candidates import candidate_pool, filter_candidates, select_index  # noqa: E402
+from tasks.racing import race_rounds  # noqa: E402
 from tasks.loaders import load_task  # noqa: E402
 from tasks.models import load_model, load_tokenizer  # noqa: E402
 
@@ -102,27 +102,29 @@ def time_training(model, tokenizer, task, instruction, instances, args):
                                                  Path(tmp) / "timed", False)
         seconds = time.perf_counter() - t
     peft_model.unload()  # the plain model again (the LoRA layers removed)
-    return {"timed_epochs": args.train_epochs_timed, "timed_seconds": seconds, "optimizer_steps": info["steps"],
+    return {"timed_epochs": args.train_epochs_timed, "timed_seconds": seconds, "optimizer_steps": info.steps,
             "seconds_extrapolated": seconds * args.epochs / args.train_epochs_timed}
 
 
 def replay_race(exhaustive, first, growth, confidence):
     """race_rounds fed with the exhaustive per-instance sums: what racing would have scored and chosen."""
-    cands = exhaustive["candidates"]
+    cands = exhaustive.candidates
 
     def score_slice(subset, lo, hi):
-        return {c: (cands[c]["instance_sums"][lo:hi], cands[c]["instance_counts"][lo:hi]) for c in subset}
+        return {c: (cands[c].instance_sums[lo:hi], cands[c].instance_counts[lo:hi]) for c in subset}
 
-    race = score_prompts.race_rounds(score_slice, len(cands), exhaustive["num_instances"], first=first,
-                                     growth=growth, confidence=confidence)
-    race["tokens_scored"] = sum(r["tokens_scored"] for r in race["rounds"])
-    return race
+    return race_rounds(score_slice, len(cands), exhaustive.num_instances, first=first, growth=growth,
+                       confidence=confidence)
+
+
+def tokens_scored(race) -> int:
+    """Response tokens a race scored, from its rounds (a replayed Race or a live Selection alike)."""
+    return sum(r.tokens_scored for r in race.rounds)
 
 
 def same_race(a, b) -> bool:
     """Two races made the same choices: the same pick, the same eliminations in every round."""
-    return a["selected"] == b["selected"] and \
-        [r["eliminated"] for r in a["rounds"]] == [r["eliminated"] for r in b["rounds"]]
+    return a.selected == b.selected and [r.eliminated for r in a.rounds] == [r.eliminated for r in b.rounds]
 
 
 def part_overhead(model, tokenizer, args):
@@ -153,30 +155,30 @@ def part_overhead(model, tokenizer, args):
     replay = replay_race(exhaustive, args.race_first, args.race_growth, args.race_confidence)
     print(f"[overhead] scoring: naive {naive_seconds:.1f}s, ours {ours_seconds:.1f}s, racing {race_seconds:.1f}s; "
           "training ...")
-    training = time_training(model, tokenizer, task, candidates[exhaustive["selected"]], trained, args)
+    training = time_training(model, tokenizer, task, candidates[exhaustive.selected], trained, args)
     train_s = training["seconds_extrapolated"]
-    ex_scores = [c["score"] for c in exhaustive["candidates"]]
+    ex_scores = [c.score for c in exhaustive.candidates]
     result = {
         "task": task.name, "candidates": len(candidates), "score_instances": len(scored),
         "train_instances": len(trained), "epochs": args.epochs, "training": training,
         "naive": {"seconds": naive_seconds, "pct_of_training": 100 * naive_seconds / train_s,
                   "tokens_forwarded": naive_tokens,
-                  "argmin_token_weighted": score_prompts.select_index([n[1] for n in naive])},
+                  "argmin_token_weighted": select_index([n[1] for n in naive])},
         "exhaustive": {"seconds": ours_seconds, "pct_of_training": 100 * ours_seconds / train_s,
-                       "tokens_forwarded": exhaustive["tokens_forwarded"], "argmin": exhaustive["selected"],
-                       "tokens_scored": sum(c["num_tokens"] for c in exhaustive["candidates"])},
+                       "tokens_forwarded": exhaustive.tokens_forwarded, "argmin": exhaustive.selected,
+                       "tokens_scored": sum(c.num_tokens for c in exhaustive.candidates)},
         "racing": {"seconds": race_seconds, "pct_of_training": 100 * race_seconds / train_s,
-                   "tokens_forwarded": race["tokens_forwarded"], "argmin": race["selected"],
-                   "tokens_scored": race["tokens_scored"], "exhaustive_tokens": race["exhaustive_tokens"],
-                   "rounds": [{k: r[k] for k in ("round", "num_instances", "eliminated", "tokens_scored", "seconds")}
-                              for r in race["rounds"]],
-                   "gap_pct": 100 * (ex_scores[race["selected"]] - min(ex_scores)) / min(ex_scores),
-                   "replay_selected": replay["selected"],
+                   "tokens_forwarded": race.tokens_forwarded, "argmin": race.selected,
+                   "tokens_scored": tokens_scored(race), "exhaustive_tokens": race.exhaustive_tokens,
+                   "rounds": [{k: getattr(r, k) for k in ("round", "num_instances", "eliminated", "tokens_scored",
+                                                     "seconds")} for r in race.rounds],
+                   "gap_pct": 100 * (ex_scores[race.selected] - min(ex_scores)) / min(ex_scores),
+                   "replay_selected": replay.selected,
                    "replay_matches_live": same_race(replay, race)},
         "speedup_exhaustive_vs_naive": naive_seconds / ours_seconds,
         "max_abs_score_diff_naive_vs_ours": max(abs(n[1] - s) for n, s in zip(naive, ex_scores)),
     }
-    result["same_argmin_naive_ours"] = result["naive"]["argmin_token_weighted"] == exhaustive["selected"]
+    result["same_argmin_naive_ours"] = result["naive"]["argmin_token_weighted"] == exhaustive.selected
     print(f"[overhead] training {training['timed_seconds']:.1f}s for {args.train_epochs_timed} epoch(s) -> "
           f"{train_s:.1f}s for {args.epochs}; selection: naive {result['naive']['pct_of_training']:.1f}%, "
           f"ours {result['exhaustive']['pct_of_training']:.1f}%, racing {result['racing']['pct_of_training']:.1f}%")
@@ -216,24 +218,24 @@ def part_agreement(model, tokenizer, args):
                                                  max_length=args.agree_max_length, first=args.race_first,
                                                  growth=args.race_growth, confidence=args.race_confidence)
             # Forward-pass seconds (batches only, as stored per candidate), exhaustive vs racing.
-            live = {"exhaustive_seconds": sum(c["seconds"] for c in exhaustive["candidates"]),
-                    "racing_seconds": sum(c["seconds"] for c in race["candidates"]),
-                    "exhaustive_tokens_forwarded": exhaustive["tokens_forwarded"],
-                    "racing_tokens_forwarded": race["tokens_forwarded"],
+            live = {"exhaustive_seconds": sum(c.seconds for c in exhaustive.candidates),
+                    "racing_seconds": sum(c.seconds for c in race.candidates),
+                    "exhaustive_tokens_forwarded": exhaustive.tokens_forwarded,
+                    "racing_tokens_forwarded": race.tokens_forwarded,
                     "replay_matches_live": same_race(replay, race)}
-        scores = [c["score"] for c in exhaustive["candidates"]]
-        best = exhaustive["selected"]
+        scores = [c.score for c in exhaustive.candidates]
+        best = exhaustive.selected
         ranked = sorted(scores)
-        exhaustive_tokens = sum(c["num_tokens"] for c in exhaustive["candidates"])
+        exhaustive_tokens = sum(c.num_tokens for c in exhaustive.candidates)
         case = {"source": source, "task": task.name, "seed": seed, "candidates": len(candidates),
-                "instances": len(instances), "exhaustive_argmin": best, "racing_pick": race["selected"],
-                "same_argmin": race["selected"] == best,
-                "gap_pct": 100 * (scores[race["selected"]] - scores[best]) / scores[best],
+                "instances": len(instances), "exhaustive_argmin": best, "racing_pick": race.selected,
+                "same_argmin": race.selected == best,
+                "gap_pct": 100 * (scores[race.selected] - scores[best]) / scores[best],
                 "runner_up_gap_pct": 100 * (ranked[1] - ranked[0]) / ranked[0] if len(ranked) > 1 else None,
-                "tokens_scored": race["tokens_scored"], "exhaustive_tokens": exhaustive_tokens,
-                "token_ratio": race["tokens_scored"] / exhaustive_tokens,
-                "rounds": len(race["rounds"]), "final_survivors": len(race["rounds"][-1]["survivors"]),
-                "eliminated_per_round": [[r["num_instances"], len(r["eliminated"])] for r in race["rounds"]],
+                "tokens_scored": tokens_scored(race), "exhaustive_tokens": exhaustive_tokens,
+                "token_ratio": tokens_scored(race) / exhaustive_tokens,
+                "rounds": len(race.rounds), "final_survivors": len(race.rounds[-1].survivors),
+                "eliminated_per_round": [[r.num_instances, len(r.eliminated)] for r in race.rounds],
                 "live": live, "seconds": time.perf_counter() - t}
         cases.append(case)
         print(f"[agree] {source:7} {task.name[:40]:40} seed={seed} K={len(candidates)} N={len(instances)} "

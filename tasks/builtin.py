@@ -330,7 +330,6 @@ def _gen_date_format(rng: random.Random):
 @dataclass(frozen=True)
 class _Spec:
     name: str
-    kind: str  # "classification" or "generation"
     instruction: str
     suffix: str
     label_words: tuple[str, ...]
@@ -341,7 +340,6 @@ class _Spec:
 _SPECS = (
     _Spec(
         name="sentiment",
-        kind="classification",
         instruction="Given a short review of a film, book, restaurant, hotel, phone or concert, classify its overall "
                     "sentiment as positive or negative. When the review mixes praise and criticism, follow the "
                     "opinion that most of it expresses.",
@@ -383,7 +381,6 @@ _SPECS = (
     ),
     _Spec(
         name="topic",
-        kind="classification",
         instruction="Read the news headline and classify it into one of four topics: sports, science, politics, or "
                     "business.",
         suffix="Answer with sports, science, politics, or business.",
@@ -426,7 +423,6 @@ _SPECS = (
     ),
     _Spec(
         name="animal",
-        kind="classification",
         instruction="Determine whether the given sentence mentions an animal. Answer yes if at least one animal is "
                     "mentioned, and no otherwise.",
         suffix="Answer with yes or no.",
@@ -462,7 +458,6 @@ _SPECS = (
     ),
     _Spec(
         name="compare",
-        kind="classification",
         instruction="You are given two different numbers. Decide whether the first number is greater or smaller "
                     "than the second number.",
         suffix="Answer with greater or smaller.",
@@ -499,7 +494,6 @@ _SPECS = (
     ),
     _Spec(
         name="count_words",
-        kind="generation",
         instruction="Count how many words the given sentence contains. Words are separated by spaces, and a word "
                     "that occurs twice is counted twice.",
         suffix="Answer with a single number.",
@@ -532,7 +526,6 @@ _SPECS = (
     ),
     _Spec(
         name="reverse_list",
-        kind="generation",
         instruction="You are given a comma-separated list of words. Write the same words in reverse order, so that "
                     "the last word comes first.",
         suffix="Answer with the words separated by commas.",
@@ -565,7 +558,6 @@ _SPECS = (
     ),
     _Spec(
         name="sort_numbers",
-        kind="generation",
         instruction="Sort the given list of numbers in ascending order, from the smallest to the largest.",
         suffix="Answer with the numbers separated by commas.",
         label_words=(),
@@ -597,7 +589,6 @@ _SPECS = (
     ),
     _Spec(
         name="capitals",
-        kind="generation",
         instruction="List every word in the sentence that begins with a capital letter, in the order in which they "
                     "appear.",
         suffix="Answer with the words separated by commas.",
@@ -631,7 +622,6 @@ _SPECS = (
     ),
     _Spec(
         name="arithmetic",
-        kind="generation",
         instruction="Solve the short math word problem. Start from the first amount, add what is gained, subtract "
                     "what is given away, lost or sold, and give the final quantity as a number.",
         suffix="Answer with a single number.",
@@ -665,7 +655,6 @@ _SPECS = (
     ),
     _Spec(
         name="date_format",
-        kind="generation",
         instruction="The sentence contains a date written in the year-month-day format. Rewrite that date with the "
                     "full month name first, then the day, then the year.",
         suffix="Answer with the date in the form Month Day, Year (for example, March 5, 2021).",
@@ -705,9 +694,6 @@ _SPECS = (
 _BY_NAME = {spec.name: spec for spec in _SPECS}
 
 BUILTIN_TASK_NAMES: tuple[str, ...] = tuple(spec.name for spec in _SPECS)
-
-# Which tasks are classification (fixed label words) and which are generation, for messages and reports.
-BUILTIN_TASK_KINDS: dict[str, str] = {spec.name: spec.kind for spec in _SPECS}
 
 BUILTIN_SEQUENCES: dict[str, list[str]] = {
     # The default of train_sapo.py: three short tasks, classification and generation mixed.

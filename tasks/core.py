@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from tasks.errors import SapoError
+from tasks.prompts import DEFAULT_INPUT_LABEL, input_label_for
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Task:
 
     `label_words` are the words every paraphrase must keep verbatim (classification labels); empty for generation.
     `paraphrases` is an optional built-in pool of hand-written rewrites of `instruction`.
+    `instruction` may be empty (TRACE's Py150 has none: such a task is trained without selection).
+    `input_label` is the line before the input text in the prompt; None picks it from the original instruction
+    ("文本:" for a Chinese one, else "Text:"), and it then stays the same for every candidate instruction.
     """
 
     name: str
@@ -49,6 +53,11 @@ class Task:
     paraphrases: tuple[str, ...] = ()
     source: str = ""  # where the data came from, for messages and run records
     missing_splits: tuple[str, ...] = ()  # splits the source does not have (reported, never silently filled)
+    input_label: str | None = None
+
+    def __post_init__(self):
+        if self.input_label is None:
+            self.input_label = input_label_for(self.instruction)
 
     def split(self, name: str) -> list[Instance]:
         """The instances of split `name`; a clear error if the source does not have it or it is empty."""
@@ -64,7 +73,10 @@ class Task:
     def content_hash(self) -> str:
         """Hash of everything that defines the task's data (for caches keyed on content, not on a file path)."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.name, self.instruction, self.suffix, list(self.label_words)]).encode())
+        header = [self.name, self.instruction, self.suffix, list(self.label_words)]
+        if self.input_label != DEFAULT_INPUT_LABEL:  # only then: the hashes of tasks that predate the field stay
+            header.append(self.input_label)
+        h.update(json.dumps(header).encode())
         for split in SPLITS:
             for inst in getattr(self, split):
                 h.update(json.dumps([split, inst.input, list(inst.outputs)]).encode())
@@ -78,9 +90,6 @@ class Sequence:
     name: str
     task_names: list[str]
     data_dir: str | None = None  # None: the built-in tasks
-
-    def __len__(self):
-        return len(self.task_names)
 
 
 def instances_hash(instances: list[Instance]) -> str:

@@ -1,14 +1,20 @@
 """Where tasks come from: the built-in generator, the SAPO/O-LoRA directory layout, original Super-NaturalInstructions
 task files, or a Hugging Face dataset. Instance order is the file's order (the first n are used, never a shuffle).
 
-SAPO layout (as in ../shared/data/superni):
-    <data_dir>/instructions.json               task -> {"instruction", "suffix", "labels", ...}
+SAPO layout (as in ../shared/data/superni; TRACE uses the same one):
+    <data_dir>/instructions.json               task -> {"instruction", "suffix", "labels", "input_label", ...}
     <data_dir>/<task>/{train,dev,test}.json    [{"sentence": input, "label": answer}, ...]
     <data_dir>/order/<sequence>/<k>-<task>/train_tasks.json   [{"dataset_name": task}, ...]: task trained at step k
+`instruction` may be empty (TRACE's Py150); `input_label` (optional) replaces the prompt's "Text:" line.
+
+Every instance is checked when it is loaded, whatever the source: the input must be a string; a reference a string, a
+number (TRACE's NumGLUE answers; kept as str(number)) or a non-empty list of those. Anything else (null, true/false,
+an object, an empty list) is a one-line error naming the file, the record (counted from 0) and the field.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -89,6 +95,47 @@ def resolve_task_dir(data_dir, name: str) -> Path:
     raise SapoError(f"task {name!r} not found in {data_dir}")
 
 
+def _json_type(value) -> str:
+    """How a JSON value's type is called in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _reference(value) -> str | None:
+    """A reference answer as text: a string as is, a finite int/float as str(value); None for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return None
+
+
+def checked_instance(where, record: int, input_value, output_value, input_field: str, output_field: str) -> Instance:
+    """An Instance from one record's raw values; a one-line SapoError naming `where`, the record and the field unless
+    the input is a string and the output a reference or a non-empty list of references (see the module docstring)."""
+    def bad(field, why):
+        return SapoError(f"{where}: record {record} (counted from 0): \"{field}\" {why}")
+
+    if not isinstance(input_value, str):
+        raise bad(input_field, f"must be a string, got {_json_type(input_value)}")
+    expected = "must be a string, a number or a non-empty list of them"
+    if isinstance(output_value, list):
+        if not output_value:
+            raise bad(output_field, f"{expected}, got an empty list")
+        outputs = [_reference(v) for v in output_value]
+        if None in outputs:
+            k = outputs.index(None)
+            raise bad(output_field, f"{expected}, got {_json_type(output_value[k])} at position {k} of the list")
+        return Instance(input_value, tuple(outputs))
+    output = _reference(output_value)
+    if output is None:
+        raise bad(output_field, f"{expected}, got {_json_type(output_value)}")
+    return Instance(input_value, (output,))
+
+
 def _sapo_instances(path: Path) -> list[Instance]:
     records = read_json(path)
     if not isinstance(records, list):
@@ -96,11 +143,19 @@ def _sapo_instances(path: Path) -> list[Instance]:
     instances = []
     for i, r in enumerate(records):
         if not isinstance(r, dict) or "sentence" not in r or "label" not in r:
-            raise SapoError(f"{path}: record {i} lacks \"sentence\" or \"label\"")
-        label = r["label"]
-        outputs = tuple(label) if isinstance(label, list) else (str(label),)
-        instances.append(Instance(str(r["sentence"]), outputs))
+            raise SapoError(f"{path}: record {i} (counted from 0) lacks \"sentence\" or \"label\"")
+        instances.append(checked_instance(path, i, r["sentence"], r["label"], "sentence", "label"))
     return instances
+
+
+def _optional_string(meta_path, task: str, entry: dict, key: str, default: str | None) -> str | None:
+    """entry[key] when it is a string, `default` when it is absent or null, else a one-line error."""
+    value = entry.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise SapoError(f"{meta_path}: entry {task}: \"{key}\" must be a string, got {_json_type(value)}")
+    return value
 
 
 def load_sapo_task(data_dir, name: str) -> Task:
@@ -112,8 +167,15 @@ def load_sapo_task(data_dir, name: str) -> Task:
     if full_name not in meta:
         raise SapoError(f"{meta_path} has no entry for task {full_name}")
     entry = meta[full_name]
-    if not isinstance(entry, dict) or not entry.get("instruction"):
-        raise SapoError(f"{meta_path}: entry {full_name} lacks an \"instruction\"")
+    if not isinstance(entry, dict) or not isinstance(entry.get("instruction"), str):
+        raise SapoError(f"{meta_path}: entry {full_name} lacks an \"instruction\" string (it may be empty)")
+    suffix = _optional_string(meta_path, full_name, entry, "suffix", "")
+    input_label = _optional_string(meta_path, full_name, entry, "input_label", None)
+    if input_label is not None and not input_label.strip():
+        raise SapoError(f"{meta_path}: entry {full_name}: \"input_label\" is empty (leave it out for the default)")
+    labels = entry.get("labels") or []
+    if not isinstance(labels, list) or not all(isinstance(w, str) for w in labels):
+        raise SapoError(f"{meta_path}: entry {full_name}: \"labels\" must be a list of strings")
     splits, missing = {}, []
     for split in SPLITS:
         path = task_dir / f"{split}.json"
@@ -123,9 +185,8 @@ def load_sapo_task(data_dir, name: str) -> Task:
             splits[split], missing = [], missing + [split]
     if len(missing) == len(SPLITS):
         raise SapoError(f"{task_dir} holds none of train.json, dev.json, test.json")
-    return Task(name=full_name, instruction=entry["instruction"], suffix=entry.get("suffix", ""),
-                label_words=tuple(entry.get("labels") or ()), source=str(task_dir), missing_splits=tuple(missing),
-                **splits)
+    return Task(name=full_name, instruction=entry["instruction"], suffix=suffix, label_words=tuple(labels),
+                source=str(task_dir), missing_splits=tuple(missing), input_label=input_label, **splits)
 
 
 def load_superni_file(path, n_test: int = 100, n_dev: int = 50) -> Task:
@@ -140,12 +201,13 @@ def load_superni_file(path, n_test: int = 100, n_dev: int = 50) -> Task:
         raise SapoError(f"{path} is not a Super-NaturalInstructions task file (needs \"Definition\" and \"Instances\")")
     definition = data["Definition"]
     instruction = " ".join(definition) if isinstance(definition, list) else str(definition)
+    if not isinstance(data["Instances"], list):
+        raise SapoError(f"{path}: \"Instances\" must be a list")
     instances = []
     for i, r in enumerate(data["Instances"]):
-        outputs = r.get("output") if isinstance(r, dict) else None
-        if not outputs or "input" not in r:
-            raise SapoError(f"{path}: instance {i} lacks \"input\" or a non-empty \"output\"")
-        instances.append(Instance(str(r["input"]), tuple(outputs) if isinstance(outputs, list) else (str(outputs),)))
+        if not isinstance(r, dict) or "input" not in r or "output" not in r:
+            raise SapoError(f"{path}: record {i} (counted from 0) of \"Instances\" lacks \"input\" or \"output\"")
+        instances.append(checked_instance(path, i, r["input"], r["output"], "input", "output"))
     if not instances:
         raise SapoError(f"{path} has no instances")
     labels = sorted({inst.label for inst in instances})
@@ -183,8 +245,9 @@ def load_hf_task(dataset: str, instruction: str | None = None, suffix: str = "",
                                 f"(columns: {', '.join(table.column_names)})")
         if instruction is None and "definition" in table.column_names and len(table):
             instruction = table[0]["definition"]
-        splits[split] = [Instance(str(r[input_column]), tuple(r[output_column]) if isinstance(r[output_column], list)
-                                  else (str(r[output_column]),)) for r in table]
+        where = f"dataset {dataset!r} split {found}"
+        splits[split] = [checked_instance(where, i, r[input_column], r[output_column], input_column, output_column)
+                         for i, r in enumerate(table)]
     if not instruction:
         raise SapoError(f"dataset {dataset!r} has no `definition` column: give the task instruction explicitly")
     name = dataset.rstrip("/").split("/")[-1]

@@ -7,17 +7,18 @@ dequantized and converted once to a plain HF directory in a user cache, so later
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import SapoError
+from tasks.loaders import read_json
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the name that means "the offline default"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-STACK_FILE = "sapo_stack.json"  # {"base_model": ..., "adapters": [dir, ...]}: base + adapters in training order
+STACK_FILE = "sapo_stack.json"  # {"base_model", "adapters": [dir, ...], "instructions": {task: instruction}}
 
 
 def cache_dir() -> Path:
@@ -58,6 +59,34 @@ def default_model_dir() -> str:
     return str(target)
 
 
+@dataclass(frozen=True)
+class AdapterStack:
+    """What `sapo_stack.json` in a run's task folder says: the model state after that task."""
+
+    base_model: str  # hub id or directory of the base model
+    adapters: list[str]  # adapter directories in training order (absolute, or relative to the current directory)
+    instructions: dict[str, str]  # task name -> the instruction that task was trained with ({} in older runs)
+
+
+def read_stack(path) -> AdapterStack:
+    """The adapter stack in `path` (a task folder holding sapo_stack.json, or the file itself); adapter paths written
+    relative to the file are made relative to the current directory. One-line error on a damaged file."""
+    path = Path(path)
+    file = path / STACK_FILE if path.is_dir() else path
+    stack = read_json(file)
+    if not isinstance(stack, dict):
+        raise SapoError(f"{file} is not an adapter stack (expected an object with \"base_model\" and \"adapters\")")
+    base, adapters, instructions = stack.get("base_model"), stack.get("adapters"), stack.get("instructions", {})
+    if not isinstance(base, str) or not base:
+        raise SapoError(f"{file}: \"base_model\" must name the base model (a hub id or a directory)")
+    if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
+        raise SapoError(f"{file}: \"adapters\" must be a list of adapter directories")
+    if not isinstance(instructions, dict) or not all(isinstance(t, str) for t in instructions.values()):
+        raise SapoError(f"{file}: \"instructions\" must map task names to instruction strings")
+    return AdapterStack(base_model=base, adapters=[str(file.parent / a) for a in adapters],
+                        instructions=dict(instructions))
+
+
 def resolve(model: str | None) -> tuple[str, list[str]]:
     """(base model path or hub id, adapter dirs in training order) for a --model value."""
     if model is None or model == DEFAULT_MODEL:
@@ -65,15 +94,11 @@ def resolve(model: str | None) -> tuple[str, list[str]]:
     path = Path(model)
     if path.is_dir():
         if (path / STACK_FILE).exists():
-            try:
-                stack = json.loads((path / STACK_FILE).read_text())
-                base, adapters = stack["base_model"], stack["adapters"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SapoError(f"{path / STACK_FILE} is not a valid adapter stack: {e}") from None
-            adapters = [str(path / a) if not os.path.isabs(a) else a for a in adapters]
-            return resolve(base)[0], adapters
+            stack = read_stack(path)
+            return resolve(stack.base_model)[0], stack.adapters
         if (path / "adapter_config.json").exists():
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            config = read_json(path / "adapter_config.json")
+            base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
             if not base:
                 raise SapoError(f"{path}/adapter_config.json names no base model")
             return resolve(base)[0], [str(path)]
@@ -85,9 +110,36 @@ def resolve(model: str | None) -> tuple[str, list[str]]:
     return model, []  # a hub id
 
 
-def _hub_error(model: str, e: Exception) -> SapoError:
-    return SapoError(f"cannot load model {model!r} ({type(e).__name__}): it is not a local directory and could not be "
-                     "fetched from the hub; download it where you have network and pass --model /path/to/copy")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _load_error(base: str, what: str, expected_files: tuple[str, ...], e: Exception) -> SapoError:
+    """One line for a failed from_pretrained: for a local directory, what is missing or why its files did not load;
+    for a hub id, that it could not be fetched."""
+    if not Path(base).is_dir():
+        return SapoError(f"cannot load model {base!r} ({type(e).__name__}): it is not a local directory and could not "
+                         "be fetched from the hub; download it where you have network and pass --model /path/to/copy")
+    if not any((Path(base) / f).exists() for f in expected_files):
+        return SapoError(f"model directory {base} has no {what} files (none of {', '.join(expected_files)}); "
+                         f"save them there with save_pretrained")
+    reason = (str(e).strip().splitlines() or [""])[0]
+    return SapoError(f"cannot load the {what} in {base} ({type(e).__name__}: {reason})")
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """auto|bf16|fp16|fp32 (or bfloat16|float16|float32) -> the torch dtype to load base weights in. auto: bf16 on a
+    CUDA device that supports it, else fp32 (CPUs run bf16 matmuls slowly or not at all)."""
+    import torch
+
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if name == "auto":
+        on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in names:
+        raise SapoError(f"unknown dtype {name!r}: expected auto, bf16, fp16 or fp32")
+    return names[name]
 
 
 def load_tokenizer(model: str | None):
@@ -97,16 +149,17 @@ def load_tokenizer(model: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
-        raise _hub_error(base, e) from None
+        raise _load_error(base, "tokenizer", TOKENIZER_FILES, e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(model: str | None, dtype=None, extra_adapters: list[str] = ()):
-    """The model state for inference: base weights plus every adapter of the stack, all active at their training
-    scale (output = W x + sum_i scale_i * B_i A_i x), exactly as during training. Unlike the original code, earlier
-    adapters are not shrunk. Returns the transformers model (with the LoRA layers inside when there are adapters).
+def load_model(model: str | None, dtype: torch.dtype | None = None):
+    """The model state for inference: base weights (in `dtype`, default fp32) plus every adapter of the stack, all
+    active at their training scale (output = W x + sum_i scale_i * B_i A_i x), exactly as during training. Unlike the
+    original code, earlier adapters are not shrunk. LoRA weights stay fp32 (peft upcasts adapters loaded onto a bf16 or
+    fp16 base). Returns the transformers model (with the LoRA layers inside when there are adapters).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,8 +168,7 @@ def load_model(model: str | None, dtype=None, extra_adapters: list[str] = ()):
     try:
         net = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
-        raise _hub_error(base, e) from None
-    adapters = list(adapters) + list(extra_adapters)
+        raise _load_error(base, "weight", WEIGHT_FILES, e) from None
     if not adapters:
         return net.eval()
     return stack_adapters(net, adapters).get_base_model().eval()
@@ -126,24 +178,30 @@ def adapter_name(index: int) -> str:
     return f"task{index + 1}"
 
 
-def stack_adapters(net, adapter_dirs: list[str], trainable_last: bool = False):
-    """Load peft adapters (stock `PeftModel.from_pretrained` + `load_adapter`) and make all of them active.
-
-    Only the last one gets gradients when `trainable_last` (seq-lora continues training it); the rest are frozen.
-    """
+def stack_adapters(net, adapter_dirs: list[str]):
+    """Load peft adapters (stock `PeftModel.from_pretrained` + `load_adapter`), all active and all frozen."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     for adapter in adapter_dirs:
         if not (Path(adapter) / "adapter_config.json").exists():
             raise SapoError(f"adapter directory {adapter} has no adapter_config.json")
+        read_json(Path(adapter) / "adapter_config.json")  # a damaged config is named by its file
     names = [adapter_name(i) for i in range(len(adapter_dirs))]
-    peft_model = PeftModel.from_pretrained(net, adapter_dirs[0], adapter_name=names[0])
-    for name, adapter in zip(names[1:], adapter_dirs[1:]):
-        peft_model.load_adapter(adapter, adapter_name=name)
-    activate_adapters(peft_model, names, trainable=names[-1] if trainable_last else None)
+    peft_model = None
+    for name, adapter in zip(names, adapter_dirs):
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(net, adapter, adapter_name=name)
+            else:
+                peft_model.load_adapter(adapter, adapter_name=name)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+            weights = next((Path(adapter) / f for f in ("adapter_model.safetensors", "adapter_model.bin")
+                            if (Path(adapter) / f).exists()), None)
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise SapoError(f"cannot load adapter {weights or adapter} ({type(e).__name__}: {reason})") from None
+    activate_adapters(peft_model, names, trainable=None)
     return peft_model
-
-
 def activate_adapters(peft_model, names: list[str], trainable: str | None):
     """All `names` active (their outputs add up), only adapter `trainable` (or none) with requires_grad."""
     peft_model.base_model.set_adapter(names)  # LoraModel.set_adapter takes a list; it marks them all trainable

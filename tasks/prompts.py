@@ -8,9 +8,15 @@ and the label as the assistant turn. The supervised tokens are the tokens of the
 prompt (answer + end-of-turn). Prompt and response are tokenized separately, so the prompt tokens are exactly what
 generation sees. User text is only concatenated, never passed through `str.format` (instructions can hold braces).
 When a sequence is too long, the INPUT text is shortened; the instruction, suffix, chat markup and answer never are.
+
+The input label ("Text:") is a property of the task (`Task.input_label`), fixed for all its candidate instructions:
+"文本:" when the task's original instruction is Chinese (holds Han characters; the authors' code uses it for C-STANCE),
+"Text:" otherwise, unless the data names one. An empty instruction (TRACE's Py150) starts the message at the input
+label: the authors' code would send two leading newlines, which carry nothing.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +24,22 @@ import torch
 from tasks.errors import SapoError
 
 IGNORE_INDEX = -100
+DEFAULT_INPUT_LABEL = "Text:"
+CHINESE_INPUT_LABEL = "文本:"
+HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs (extension A, unified, compatibility)
+_HAN_RE = re.compile(f"[{HAN_CHARACTERS}]")
 
 
-def user_message(instruction: str, input_text: str, suffix: str) -> str:
-    return instruction + "\n\nText:\n" + input_text + "\n\n" + suffix
+def input_label_for(instruction: str) -> str:
+    """The input label a task gets by default: "文本:" for a Chinese instruction, "Text:" otherwise."""
+    return CHINESE_INPUT_LABEL if _HAN_RE.search(instruction) else DEFAULT_INPUT_LABEL
+
+
+def user_message(instruction: str, input_text: str, suffix: str, *, input_label: str = DEFAULT_INPUT_LABEL) -> str:
+    """`{instruction}\\n\\n{input_label}\\n{input}\\n\\n{suffix}`; without the leading instruction block when the
+    instruction is empty."""
+    head = instruction + "\n\n" if instruction else ""
+    return head + input_label + "\n" + input_text + "\n\n" + suffix
 
 
 def render_chat(tokenizer, messages, add_generation_prompt):
@@ -38,14 +56,17 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def render_prompt(tokenizer, instruction: str, input_text: str, suffix: str) -> str:
+def render_prompt(tokenizer, instruction: str, input_text: str, suffix: str, *,
+                  input_label: str = DEFAULT_INPUT_LABEL) -> str:
     """The chat text up to and including the assistant header (what generation continues)."""
-    return render_chat(tokenizer, [{"role": "user", "content": user_message(instruction, input_text, suffix)}], True)
+    content = user_message(instruction, input_text, suffix, input_label=input_label)
+    return render_chat(tokenizer, [{"role": "user", "content": content}], True)
 
 
-def render_response(tokenizer, prompt_text: str, instruction: str, input_text: str, suffix: str, answer: str) -> str:
+def render_response(tokenizer, prompt_text: str, instruction: str, input_text: str, suffix: str, answer: str, *,
+                    input_label: str = DEFAULT_INPUT_LABEL) -> str:
     """The chat text after the generation prompt: answer + end-of-turn markup."""
-    messages = [{"role": "user", "content": user_message(instruction, input_text, suffix)},
+    messages = [{"role": "user", "content": user_message(instruction, input_text, suffix, input_label=input_label)},
                 {"role": "assistant", "content": answer}]
     full = render_chat(tokenizer, messages, False)
     if not full.startswith(prompt_text):
@@ -62,9 +83,20 @@ class Encoded:
     truncated: bool = False  # the input text was shortened to fit
 
 
-def _fit(tokenizer, instruction, input_text, suffix, budget_for, max_length):
+@dataclass
+class EncodedPrompt:
+    """A generation prompt (ending with the assistant header) and whether its input text was shortened to fit."""
+
+    input_ids: list[int]
+    truncated: bool = False
+
+
+def _fit(tokenizer, instruction, input_text, suffix, input_label, budget_for, max_length):
     """Render the prompt, shortening the input text (from its end) until `budget_for(prompt_ids)` <= max_length."""
-    prompt_text = render_prompt(tokenizer, instruction, input_text, suffix)
+    def render(text):
+        return render_prompt(tokenizer, instruction, text, suffix, input_label=input_label)
+
+    prompt_text = render(input_text)
     prompt_ids = _ids(tokenizer, prompt_text)
     if max_length is None or budget_for(prompt_ids) <= max_length:
         return input_text, prompt_text, prompt_ids, False
@@ -74,33 +106,54 @@ def _fit(tokenizer, instruction, input_text, suffix, budget_for, max_length):
     while budget_for(prompt_ids) > max_length:
         keep -= max(1, budget_for(prompt_ids) - max_length)
         if keep < 0:
-            fixed = budget_for(_ids(tokenizer, render_prompt(tokenizer, instruction, "", suffix)))
+            fixed = budget_for(_ids(tokenizer, render("")))
             raise SapoError(f"instruction, suffix, chat markup and answer alone take {fixed} tokens, more than the "
                             f"limit of {max_length}; raise the length limit or shorten the instruction")
         input_text = tokenizer.decode(input_ids[:keep])
-        prompt_text = render_prompt(tokenizer, instruction, input_text, suffix)
+        prompt_text = render(input_text)
         prompt_ids = _ids(tokenizer, prompt_text)
     return input_text, prompt_text, prompt_ids, True
 
 
 def encode_example(tokenizer, instruction: str, input_text: str, suffix: str, answer: str,
-                   max_length: int | None = None) -> Encoded:
+                   max_length: int | None = None, *, input_label: str = DEFAULT_INPUT_LABEL) -> Encoded:
     """Tokens and labels of one training/scoring sequence; at most `max_length` tokens in all."""
+    def response_ids_after(prompt, text):
+        return _ids(tokenizer, render_response(tokenizer, prompt, instruction, text, suffix, answer,
+                                               input_label=input_label))
+
     # The response depends on the (possibly shortened) prompt only through the template, so render it once to size it.
-    prompt_text = render_prompt(tokenizer, instruction, input_text, suffix)
-    response_ids = _ids(tokenizer, render_response(tokenizer, prompt_text, instruction, input_text, suffix, answer))
+    prompt_text = render_prompt(tokenizer, instruction, input_text, suffix, input_label=input_label)
+    response_ids = response_ids_after(prompt_text, input_text)
     input_text, prompt_text, prompt_ids, truncated = _fit(
-        tokenizer, instruction, input_text, suffix, lambda p: len(p) + len(response_ids), max_length)
+        tokenizer, instruction, input_text, suffix, input_label, lambda p: len(p) + len(response_ids), max_length)
     if truncated:
-        response_ids = _ids(tokenizer, render_response(tokenizer, prompt_text, instruction, input_text, suffix, answer))
+        response_ids = response_ids_after(prompt_text, input_text)
     return Encoded(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, len(prompt_ids),
                    truncated)
 
 
+def encode_task_example(tokenizer, task, instruction: str, instance, max_length: int | None = None) -> Encoded:
+    """encode_example for one Instance of a Task prompted with `instruction`: the task's suffix and input label, the
+    instance's input and training label. Training and scoring call this so that they cannot drift apart."""
+    return encode_example(tokenizer, instruction, instance.input, task.suffix, instance.label, max_length,
+                          input_label=task.input_label)
+
+
+def encode_generation_prompt(tokenizer, instruction: str, input_text: str, suffix: str,
+                             max_length: int | None = None, *,
+                             input_label: str = DEFAULT_INPUT_LABEL) -> EncodedPrompt:
+    """Prompt tokens for generation (ending with the assistant header), at most `max_length` of them, and whether the
+    input text had to be shortened for that."""
+    _, _, prompt_ids, truncated = _fit(tokenizer, instruction, input_text, suffix, input_label, len, max_length)
+    return EncodedPrompt(prompt_ids, truncated)
+
+
 def encode_prompt(tokenizer, instruction: str, input_text: str, suffix: str,
-                  max_length: int | None = None) -> list[int]:
+                  max_length: int | None = None, *, input_label: str = DEFAULT_INPUT_LABEL) -> list[int]:
     """Prompt tokens for generation (ending with the assistant header); at most `max_length` tokens."""
-    return _fit(tokenizer, instruction, input_text, suffix, len, max_length)[2]
+    return encode_generation_prompt(tokenizer, instruction, input_text, suffix, max_length,
+                                    input_label=input_label).input_ids
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:

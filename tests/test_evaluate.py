@@ -14,6 +14,7 @@ import evaluate
 from evaluate import cl_metrics, exact_match, generate_answers, markdown_table, rouge_l
 from tasks.core import Instance, Task
 from tasks.errors import SapoError
+from tasks.prompts import encode_prompt
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +179,7 @@ INPUTS = ["great", "the movie was great and the actors were wonderful, the quick
 
 def reference_answer(model, tokenizer, task, instance, max_new_tokens):
     """Unbatched, unpadded greedy generation, decoded after the prompt and up to the first stop token."""
-    ids = evaluate.encode_prompt(tokenizer, task.instruction, instance.input, task.suffix)
+    ids = encode_prompt(tokenizer, task.instruction, instance.input, task.suffix)
     stops = evaluate.stop_token_ids(tokenizer, model)
     out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
@@ -191,7 +192,7 @@ def test_batched_generation_equals_unbatched(one_thread, accelerator):
     tokenizer = tiny_tokenizer()
     model = tiny_model(len(tokenizer))
     task = make_task(INPUTS)
-    lengths = {len(evaluate.encode_prompt(tokenizer, task.instruction, i.input, task.suffix)) for i in task.test}
+    lengths = {len(encode_prompt(tokenizer, task.instruction, i.input, task.suffix)) for i in task.test}
     assert len(lengths) == len(INPUTS)  # all prompt lengths differ: batches really are padded
     batched = generate_answers(model, tokenizer, task, task.instruction, task.test, accelerator, batch_size=3,
                                max_new_tokens=6, progress=False)
@@ -264,6 +265,8 @@ def write_run(run_dir, rows=4):
 def test_report_cli(tmp_path, capsys):
     run = write_run(tmp_path / "run1")
     evaluate.main([str(run)])
+    assert sorted(p.name for p in run.iterdir()) == ["R.json"]  # reporting alone writes nothing
+    evaluate.main([str(run), "--write"])
     out = capsys.readouterr().out
     assert "| after task_c | 40.0 | 55.0 | 70.0 | 55.0 |" in out and "BWT" in out
     metrics = json.loads((run / "metrics.json").read_text())
@@ -295,6 +298,51 @@ def test_compare_cli(tmp_path, capsys):
     assert "| metric | orig | sapo |" in out
     assert "| AP | 55.00 | 36.67 |" in out and "| BWT | -6.25 | n/a |" in out and "| rows | 4/4 | 2/4 |" in out
     assert reports["sapo"]["progress"]["complete"] is False
+
+
+def snapshot(run_dir):
+    """Every file of a run: name -> (bytes, mtime_ns)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.iterdir())}
+
+
+def test_report_and_compare_never_modify_runs(tmp_path, capsys, monkeypatch):
+    a, b = write_run(tmp_path / "orig"), write_run(tmp_path / "sapo", rows=2)
+    evaluate.main([str(a), "--write"])  # a finished run has its report files (rougeL)
+    capsys.readouterr()
+    before = {run: snapshot(run) for run in (a, b)}
+
+    def no_writes(*args, **kwargs):
+        raise AssertionError("a report without --write tried to write a file")
+
+    monkeypatch.setattr(evaluate, "write_text_atomic", no_writes)  # root ignores chmod: catch any write attempt too
+    monkeypatch.setattr(evaluate, "plot_heatmap", no_writes)
+    for run in (a, b):
+        run.chmod(0o555)
+        for f in run.iterdir():
+            f.chmod(0o444)
+    try:
+        reports = evaluate.main(["--compare", str(a), str(b), "--metric", "exact_match"])
+        metrics = evaluate.main([str(b), "--metric", "exact_match"])
+    finally:
+        for run in (a, b):
+            run.chmod(0o755)
+    assert {run: snapshot(run) for run in (a, b)} == before
+    assert reports["orig"]["metric"] == "exact_match" and reports["orig"]["AP"] == 27.5
+    assert math.isclose(metrics["AP"], 55 / 3)  # exact match = R3 halved; last row given is row 1: (25+12.5+17.5)/3
+    assert "wrote" not in capsys.readouterr().out
+
+
+def test_write_into_unwritable_run_is_one_line(tmp_path, capsys, monkeypatch):
+    run = write_run(tmp_path / "run")
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(evaluate, "write_text_atomic", refuse)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), "--write"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write the report into {run}: Permission denied\n"
 
 
 @pytest.mark.parametrize("content,message", [
@@ -374,3 +422,48 @@ def test_one_vs_two_processes(tmp_path, one_thread, accelerator, capsys):
                                                    "Classify the sentiment of the review as positive or negative."]
     assert [r["num_instances"] for r in results] == [7, 7]
     assert two.stdout.count("alpha_task: rougeL") == 1  # printed by the main process only
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run mode: instructions stored in an adapter stack, --dtype, and the note on shortened inputs
+
+
+def test_run_prompts_with_the_stack_instructions(tmp_path, monkeypatch, capsys):
+    model = save_tiny_model_dir(tmp_path / "model")
+    data = write_data_dir(tmp_path / "data")
+    original = "Classify the sentiment of the review as positive or negative."
+    task_dir = tmp_path / "run" / "1-alpha_task"
+    task_dir.mkdir(parents=True)
+    (task_dir / "sapo_stack.json").write_text(json.dumps(
+        {"base_model": model, "adapters": [], "instructions": {"alpha_task": "Say {positive} or {negative}."}}))
+    used = {}
+
+    def fake_evaluate_task(model, tokenizer, task, instruction, accelerator, **kwargs):
+        used[task.name] = (instruction, next(model.parameters()).dtype)
+        return {"rougeL": 50.0, "exact_match": 0.0, "num_instances": 7}
+
+    monkeypatch.setattr(evaluate, "evaluate_task", fake_evaluate_task)
+    args = ["--model", str(task_dir), "--tasks", "alpha_task,beta_task", "--data-dir", str(data), "--dtype", "bf16"]
+    results = evaluate.main(args)
+    assert used == {"alpha_task": ("Say {positive} or {negative}.", torch.bfloat16),
+                    "beta_task": (original, torch.bfloat16)}
+    assert [r["instruction_source"] for r in results] == ["stack", "original"]
+    assert (f"note: alpha_task prompted with the instructions stored in {task_dir / 'sapo_stack.json'}"
+            in capsys.readouterr().out)
+    evaluate.main(args + ["--original-instructions", "--dtype", "auto"])
+    assert used == {"alpha_task": (original, torch.float32), "beta_task": (original, torch.float32)}
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps({"alpha_task": "Answer positive or negative."}))
+    results = evaluate.main(args + ["--instructions", str(given)])
+    assert used["alpha_task"][0] == "Answer positive or negative." and results[0]["instruction_source"] == "file"
+
+
+def test_shortened_inputs_are_noted(one_thread, accelerator, capsys):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(len(tokenizer))
+    task = make_task(["great", "the quick brown fox " * 40, "lazy dog " * 40])
+    limit = len(encode_prompt(tokenizer, task.instruction, "great", task.suffix)) + 20
+    generate_answers(model, tokenizer, task, task.instruction, task.test, accelerator, max_new_tokens=1,
+                     max_prompt_tokens=limit, progress=False)
+    assert capsys.readouterr().out == (f"note: 2 of 3 inputs of task toy were shortened to fit the prompt limit of "
+                                       f"{limit} tokens\n")

@@ -11,6 +11,7 @@ from tasks.candidates import candidate_pool, candidate_problem, filter_candidate
 from tasks.core import Instance, Task
 from tasks.loaders import load_hf_task, load_sapo_task, load_sequence, load_superni_file, load_task, read_json
 from tasks.models import resolve
+from tasks.prompts import encode_generation_prompt
 from tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,9 @@ def test_truncation_shortens_only_the_input():
     assert tok.decode([t for t in enc.labels if t != IGNORE_INDEX]) == "twelve words<|im_end|>\n"
     prompt = encode_prompt(tok, instruction, long_input, suffix, max_length=limit)
     assert len(prompt) <= limit
+    fitted = encode_generation_prompt(tok, instruction, long_input, suffix, max_length=limit)
+    assert fitted.truncated and fitted.input_ids == prompt
+    assert not encode_generation_prompt(tok, instruction, "short", suffix, max_length=limit).truncated
 
 
 def test_truncation_that_cannot_fit_names_the_limit():

@@ -271,3 +271,60 @@ def test_reselection_during_training_is_logged_and_counted(model_dir, tmp_path):
     assert timings["selection_seconds"] == pytest.approx(
         selection["seconds"] + sum(e["seconds"] for e in selection["reselections"]))
     assert timings["reselection_seconds"] > 0
+
+
+GENERATING_LAUNCHER = '''
+import json, os, runpy, sys
+sys.path.insert(0, {root!r})
+import tasks.paraphrases as paraphrases
+import tasks.pools as pools
+
+rank = int(os.environ.get("RANK", "0"))
+
+
+def sample_local(model, tokenizer, prompt, n, temperature, seed):
+    # The "model" writes valid tagged rewrites that name the process they were sampled on: if every process
+    # sampled its own pool, the pools would differ between ranks.
+    return ["<START>Version " + str(i) + " from rank " + str(rank) + ": decide whether the review is positive or "
+            "negative overall.</START>" for i in range(n)]
+
+
+paraphrases.sample_local = sample_local
+real_build = pools.PoolSource.build
+
+
+def build(self, task, **kwargs):
+    pool = real_build(self, task, **kwargs)
+    with open(os.path.join({out!r}, "pool-" + task.name + "-rank" + str(rank) + ".json"), "w") as f:
+        json.dump(pool, f)
+    return pool
+
+
+pools.PoolSource.build = build
+sys.argv = ["train_sapo.py", *sys.argv[1:]]
+runpy.run_path(os.path.join({root!r}, "train_sapo.py"), run_name="__main__")
+'''
+
+
+def test_generated_pool_is_sampled_once_and_shared_by_every_process(model_dir, tmp_path):
+    """--generate K on 2 processes: the main process samples, every process scores the same pool, original first."""
+    launcher = tmp_path / "launch_generating.py"
+    launcher.write_text(GENERATING_LAUNCHER.format(root=str(ROOT), out=str(tmp_path)))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+                           "--num_processes", "2", "--main_process_port", "29519", str(launcher),
+                           "--model", model_dir, "--output-dir", str(tmp_path / "run"), *SMALL,
+                           "--sequence", "sentiment", "--generate", "2", "--epochs", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tasks.loaders import load_task
+
+    original = load_task("sentiment", n_train=8).instruction
+    pools = [json.loads((tmp_path / f"pool-sentiment-rank{r}.json").read_text()) for r in (0, 1)]
+    assert pools[0] == pools[1]  # the same candidates on both processes
+    assert pools[0][0] == original and len(pools[0]) == 3  # the original is candidate 0, then the K paraphrases
+    assert all("from rank 0:" in p for p in pools[0][1:])  # sampled on the main process only
+    selection = json.loads((tmp_path / "run" / "1-sentiment" / "selection.json").read_text())
+    assert [c["instruction"] for c in selection["candidates"]] == pools[0]
+    cache = json.loads((tmp_path / "run" / "paraphrases.json").read_text())  # cached once, next to the run
+    assert [entry["paraphrases"] for entry in cache.values()] == [pools[0][1:]]

@@ -1,0 +1,153 @@
+"""TRACE in the SAPO layout: a Chinese classification task (input label "文本:"), an empty-instruction code task (Py150),
+numeric answers (NumGLUE), the per-task `input_label` field, the `trace` order, exact prompts, and ROUGE-L on Chinese
+references. The data is a small fixture written here, shaped like the authors' TRACE folder."""
+import json
+import math
+
+import pytest
+
+import evaluate
+from tasks.core import Task
+from tasks.loaders import load_sequence, load_task
+from tasks.prompts import encode_example, encode_generation_prompt, encode_task_example, user_message
+from tiny import tiny_tokenizer
+
+CSTANCE_INSTRUCTION = "判断以下文本对指定对象的态度，选择一项：A.支持，B.反对，C.中立。输出A，B或者C。"
+CSTANCE_SUFFIX = "直接只回答A 或者 B 或者 C作为你的答案。"
+NUMGLUE_INSTRUCTION = "Solve the following math problem."
+NUMGLUE_SUFFIX = "Directly output only the numerical value as you answer."
+
+TASKS = {
+    "C-STANCE": ({"instruction": CSTANCE_INSTRUCTION, "suffix": CSTANCE_SUFFIX, "labels": ["A", "B", "C"]},
+                 [{"sentence": "我支持这个观点\n对象：\n观点", "label": "A"},
+                  {"sentence": "这不对\n对象：\n政策", "label": "B"}]),
+    "Py150": ({"instruction": "", "suffix": "Answer:", "labels": []},
+              [{"sentence": "def add(a, b):\n    return", "label": "a + b"}]),
+    "NumGLUE-cm": ({"instruction": NUMGLUE_INSTRUCTION, "suffix": NUMGLUE_SUFFIX, "labels": []},
+                   [{"sentence": "There are 68 car wheels. How many cars?", "label": 17},
+                    {"sentence": "Half of 5?", "label": "2.5"}]),
+    "FOMC": ({"instruction": "What is the monetary policy stance? Choose A, B or C.", "suffix": "Answer:",
+              "labels": ["A", "B", "C"], "input_label": "Statement:"},
+             [{"sentence": "Rates stay.", "label": "C"}]),
+    "CN-SUMMARY": ({"instruction": "用一句话总结下面的会议记录。", "suffix": "直接输出总结。"},
+                   [{"sentence": "会议决定明年修路。", "label": "明年修路"}]),
+}
+ORDER = [("1-cstance", "C-STANCE"), ("2-fomc", "FOMC"), ("3-py150", "Py150"), ("4-numgluecm", "NumGLUE-cm")]
+
+
+@pytest.fixture
+def trace_dir(tmp_path):
+    meta = {}
+    for name, (entry, records) in TASKS.items():
+        meta[name] = entry
+        (tmp_path / name).mkdir()
+        for split in ("train", "dev", "test"):
+            (tmp_path / name / f"{split}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "instructions.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    for step, name in ORDER:
+        (tmp_path / "order" / "trace" / step).mkdir(parents=True)
+        (tmp_path / "order" / "trace" / step / "train_tasks.json").write_text(
+            json.dumps([{"sampling strategy": "full", "dataset_name": name}]))
+    return tmp_path
+
+
+def test_trace_sequence_and_tasks_load(trace_dir):
+    sequence = load_sequence("trace", trace_dir)
+    assert sequence.task_names == ["C-STANCE", "FOMC", "Py150", "NumGLUE-cm"]
+    tasks = {name: load_task(name, sequence.data_dir) for name in sequence.task_names}
+    assert tasks["Py150"].instruction == "" and tasks["Py150"].suffix == "Answer:"
+    assert tasks["C-STANCE"].label_words == ("A", "B", "C")
+    assert [i.outputs for i in tasks["NumGLUE-cm"].train] == [("17",), ("2.5",)]
+    assert {n: t.input_label for n, t in tasks.items()} == {"C-STANCE": "文本:", "FOMC": "Statement:",
+                                                            "Py150": "Text:", "NumGLUE-cm": "Text:"}
+
+
+def test_trace_prompts_exact(trace_dir):
+    cstance, py150, numglue, fomc = (load_task(n, trace_dir) for n in ("C-STANCE", "Py150", "NumGLUE-cm", "FOMC"))
+
+    def message(task, instance):
+        return user_message(task.instruction, instance.input, task.suffix, input_label=task.input_label)
+
+    assert message(cstance, cstance.train[0]) == (
+        "判断以下文本对指定对象的态度，选择一项：A.支持，B.反对，C.中立。输出A，B或者C。\n\n文本:\n我支持这个观点\n对象：\n观点\n\n"
+        "直接只回答A 或者 B 或者 C作为你的答案。")
+    assert message(py150, py150.train[0]) == "Text:\ndef add(a, b):\n    return\n\nAnswer:"  # no leading blank lines
+    assert message(numglue, numglue.train[0]) == (
+        "Solve the following math problem.\n\nText:\nThere are 68 car wheels. How many cars?\n\n"
+        "Directly output only the numerical value as you answer.")
+    assert message(fomc, fomc.train[0]) == ("What is the monetary policy stance? Choose A, B or C.\n\nStatement:\n"
+                                            "Rates stay.\n\nAnswer:")
+    # The whole chat text, as training and generation see it.
+    tok = tiny_tokenizer()
+    enc = encode_example(tok, cstance.instruction, cstance.train[0].input, cstance.suffix, cstance.train[0].label,
+                         input_label=cstance.input_label)
+    assert tok.decode(enc.input_ids) == ("<|im_start|>user\n" + message(cstance, cstance.train[0]) + "<|im_end|>\n"
+                                         "<|im_start|>assistant\n<think>\n\n</think>\n\nA<|im_end|>\n")
+    assert encode_task_example(tok, cstance, cstance.instruction, cstance.train[0]) == enc
+    prompt = encode_generation_prompt(tok, py150.instruction, py150.train[0].input, py150.suffix,
+                                      input_label=py150.input_label)
+    assert tok.decode(prompt.input_ids) == ("<|im_start|>user\nText:\ndef add(a, b):\n    return\n\nAnswer:<|im_end|>\n"
+                                            "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt.truncated
+
+
+def test_input_label_in_content_hash_only_when_not_default():
+    english = Task(name="t", instruction="Say it.", suffix="Answer:")
+    assert english.content_hash() == Task(name="t", instruction="Say it.", suffix="Answer:",
+                                          input_label="Text:").content_hash()
+    # The hash of a task with the default label is what it was before the field existed: sha256 of the header
+    # ["t", "Say it.", "Answer:", []] (no instances), as computed by the code of main before this change.
+    assert english.content_hash() == "344d776fc445120b"
+    assert Task(name="t", instruction="Say it.", suffix="Answer:", input_label="Code:").content_hash() \
+        != english.content_hash()
+    chinese = Task(name="t", instruction=CSTANCE_INSTRUCTION)
+    assert chinese.input_label == "文本:"
+    assert chinese.content_hash() != Task(name="t", instruction=CSTANCE_INSTRUCTION, input_label="Text:").content_hash()
+
+
+def test_trace_scores_chinese_references_by_character(trace_dir, monkeypatch, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    summary, cstance = load_task("CN-SUMMARY", trace_dir), load_task("C-STANCE", trace_dir)
+    assert evaluate.score_lang(summary.test) == "zh" and evaluate.score_lang(cstance.test) == "en"  # A/B/C: letters
+    seen = {}
+
+    def fake_generate(model, tokenizer, task, instruction, instances, accelerator, **kwargs):
+        seen[task.name] = instruction
+        return {"CN-SUMMARY": ["明年要修路"], "C-STANCE": ["A", "C"]}[task.name]
+
+    monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
+    accelerator = Accelerator(cpu=True)
+    scores = evaluate.evaluate_task(None, None, summary, summary.instruction, accelerator, lang="auto")
+    # characters: prediction 明年要修路 (5), reference 明年修路 (4), LCS 4: P = 4/5, R = 1, F = 2PR/(P+R) = 8/9
+    assert math.isclose(scores["rougeL"], 800 / 9) and scores["exact_match"] == 0.0
+    scores = evaluate.evaluate_task(None, None, cstance, cstance.instruction, accelerator, lang="auto")
+    assert scores["rougeL"] == 50.0 and scores["exact_match"] == 50.0  # "A" right, "C" for "B" wrong
+
+
+def test_train_sapo_runs_trace_and_trains_the_empty_instruction_without_selection(trace_dir, tmp_path):
+    """`--sequence trace`: tasks with an instruction are selected from their pools, Py150 (empty instruction) is
+    trained as it is, and selection.json says so."""
+    import train_sapo
+    from tiny import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    pools = {"C-STANCE": ["请判断文本对指定对象的态度，并选择一项：A.支持，B.反对，C.中立。"],
+             "FOMC": ["Which monetary policy stance does the statement take? Choose A, B or C."],
+             "NumGLUE-cm": ["Work out the answer to this math problem."]}
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps(pools, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "run"
+    train_sapo.main(["--model", model_dir, "--data-dir", str(trace_dir), "--sequence", "trace", "--candidates",
+                     str(candidates), "--output-dir", str(out), "--score-instances", "2", "--train-instances", "2",
+                     "--epochs", "1", "--global-batch-size", "2", "--micro-batch-size", "2", "--eval-instances", "1",
+                     "--max-new-tokens", "3", "--eval-batch-size", "2"])
+    R = json.loads((out / "R.json").read_text())
+    assert R["tasks"] == ["C-STANCE", "FOMC", "Py150", "NumGLUE-cm"] and len(R["rougeL"]) == 5
+    py150 = json.loads((out / "3-Py150" / "selection.json").read_text())
+    assert py150["method"] == "none" and py150["instruction"] == "" and len(py150["candidates"]) == 1
+    assert "empty instruction" in py150["note"] and py150["candidates"][0]["score"] is None
+    for k, name in ((1, "C-STANCE"), (2, "FOMC"), (4, "NumGLUE-cm")):
+        selection = json.loads((out / f"{k}-{name}" / "selection.json").read_text())
+        scores = [c["score"] for c in selection["candidates"]]
+        assert selection["method"] == "sapo" and len(scores) == 2 and selection["selected"] == scores.index(min(scores))
