@@ -153,6 +153,18 @@ def describe_preset(config: Config) -> str:
             f"-> {config.output_dir}")
 
 
+def check_lora_targets(model, lora_targets: str):
+    """Every --lora-targets name must match a module of the model (peft's rule: the module's name, or its last
+    dotted parts), checked as soon as the model is loaded, before the zero-shot evaluation."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in lora_targets.split(",") if t and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                           if isinstance(m, torch.nn.Linear) and "." in n})
+        raise SapoError(f"--lora-targets: the model has no module named {', '.join(missing)} (its linear layers: "
+                        f"{', '.join(suffixes)})")
+
+
 def check_batch_split(config: Config, world: int):
     """The global batch is dealt to `world` processes in micro-batches: it must split evenly (checked as soon as the
     process count is known, before any data or model is loaded)."""
@@ -195,6 +207,10 @@ def parse_config(argv=None) -> tuple[Config, bool]:
         raise SapoError(f"--select {config.select}: must be sapo, sapo-race, original or fixed:K")
     if not config.lora_targets.strip(","):
         raise SapoError("--lora-targets is empty: name the modules to adapt (e.g. q_proj,v_proj)")
+    if config.report_to:
+        from accelerate.utils import LoggerType
+
+        check_choices(dataclasses.asdict(config), {"report_to": tuple(t.value for t in LoggerType)})
     config.pool_source().check()
     return config, args.overwrite
 
@@ -842,6 +858,7 @@ def main(argv=None):
     run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
     check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
     state = ModelState(model=load_model(config.model))  # the base (plus any adapters --model already names)
+    check_lora_targets(state.model, config.lora_targets)
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
     originals = {t.name: t.instruction for t in tasks}

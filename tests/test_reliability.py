@@ -22,7 +22,7 @@ import train_sapo
 from tasks.errors import SapoError, cli_main, release_main_resources, writing, writing_under
 from tasks.run_dir import CONFIG_FILE, KEY_FIELD, RunKey, RunLock, check_writable_file, open_run_dir
 from test_tasks import write_sapo_dir
-from tiny import save_tiny_model_dir
+from tiny import save_tiny_model_dir, tiny_model
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -79,6 +79,8 @@ def test_every_numeric_config_field_has_a_range():
     ("--method", "lora", "--method lora: must be one of lora-inc, o-lora, seq-lora"),
     ("--select", "best", "--select best: must be sapo, sapo-race, original or fixed:K"),
     ("--epochs", "two", "argument --epochs: invalid int value: 'two'"),
+    ("--report-to", "tensorbored", "--report-to tensorbored: must be one of all, aim, tensorboard, wandb, trackio, "
+                                   "comet_ml, mlflow, clearml, dvclive, swanlab"),
 ])
 def test_train_sapo_refuses_bad_values_at_parse_time(flag, value, message):
     with pytest.raises(SapoError) as e:
@@ -97,6 +99,16 @@ def test_score_prompts_refuses_bad_values_at_parse_time(flag, value, message):
     with pytest.raises(SapoError) as e:
         score_prompts.parse_args(["--task", "sentiment", flag, value])
     assert str(e.value) == message
+
+
+def test_lora_targets_are_checked_against_the_model():
+    model = tiny_model(64)
+    train_sapo.check_lora_targets(model, "q_proj,v_proj")
+    train_sapo.check_lora_targets(model, "self_attn.q_proj")  # peft matches the last dotted parts too
+    with pytest.raises(SapoError) as e:
+        train_sapo.check_lora_targets(model, "q_proj,qkv")
+    assert str(e.value) == ("--lora-targets: the model has no module named qkv (its linear layers: down_proj, "
+                            "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)")
 
 
 def test_bad_value_exits_2_with_one_line_before_anything_is_written(tmp_path, capsys):
