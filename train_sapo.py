@@ -617,7 +617,7 @@ def run_key(config: Config, tasks: list[Task], base_path: str, base_adapters: li
     return RunKey(config={k: v for k, v in dataclasses.asdict(config).items()
                           if k not in RESUME_FREE and k not in INPUT_PATHS},
                   tasks=[[t.name, t.content_hash()] for t in tasks], pools=pools,
-                  model=model_state_id(base_path, base_adapters))
+                  model=model_state_id(base_path, base_adapters), model_name=config.model)
 
 
 def prepare_run_dir(config: Config, key: RunKey, overwrite: bool, accelerator) -> Path:

@@ -43,9 +43,10 @@ class RunKey:
     tasks: list[list[str]]
     pools: dict[str, str]
     model: str
+    model_name: str = ""  # --model as given, for messages only (the same model under another path resumes)
 
     def to_json(self) -> dict:
-        return {"tasks": self.tasks, "pools": self.pools, "model": self.model}
+        return {"tasks": self.tasks, "pools": self.pools, "model": self.model, "model_name": self.model_name}
 
     def differences(self, saved_config: dict, saved_key: dict) -> list[str]:
         """What differs from a saved run, in words; empty when the run may resume."""
@@ -63,7 +64,9 @@ class RunKey:
         found += [f"another candidate pool for task {name}" for name in sorted(set(saved_pools) | set(self.pools))
                   if saved_pools.get(name) != self.pools.get(name)]
         if saved_key.get("model") != self.model:
-            found.append("another model (its files or adapters differ)")
+            before = saved_key.get("model_name", "")
+            found.append(f"another model ({before} -> {self.model_name})" if before != self.model_name else
+                         f"another model (the files or adapters of {self.model_name} changed)")
         return found
 
 

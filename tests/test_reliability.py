@@ -208,10 +208,16 @@ def test_a_directory_without_results_is_not_another_run(tmp_path):
     assert open_run_dir(run_dir, {"lr": 1e-4}, key, overwrite=False) is None
     assert json.loads((run_dir / CONFIG_FILE).read_text())["lr"] == 1e-4
     release_main_resources()  # main's exit releases the lock; here by hand
-    other = dataclasses.replace(key, tasks=[["a", "h2"]], pools={"a": "p"}, model="m2", config={"lr": 1e-3})
-    assert other.differences({"lr": 1e-4}, {"tasks": [["a", "h1"]], "pools": {}, "model": "m"}) == [
+    other = dataclasses.replace(key, tasks=[["a", "h2"]], pools={"a": "p"}, model="m2", config={"lr": 1e-3},
+                                model_name="dir")
+    saved = {"tasks": [["a", "h1"]], "pools": {}, "model": "m", "model_name": "dir"}
+    assert other.differences({"lr": 1e-4}, saved) == [
         "another config (lr differ)", "other data for task a", "another candidate pool for task a",
-        "another model (its files or adapters differ)"]
+        "another model (the files or adapters of dir changed)"]
+    assert dataclasses.replace(other, model_name="hub/x").differences({"lr": 1e-3}, saved)[-1] == \
+        "another model (dir -> hub/x)"
+    assert dataclasses.replace(key, tasks=[["b", "h1"]]).differences({"lr": 1e-4}, saved) == [
+        "another task sequence (a -> b)"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
