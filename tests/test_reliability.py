@@ -54,7 +54,8 @@ def exit_line(fn, argv, capsys) -> tuple[int, str]:
 # 1. Numbers that cannot work are refused when the command line is parsed.
 
 def test_every_numeric_config_field_has_a_range():
-    numeric = {f.name for f in dataclasses.fields(train_sapo.Config) if f.type.split("|")[0].strip() in ("int", "float")}
+    numeric = {f.name for f in dataclasses.fields(train_sapo.Config)
+               if f.type.split("|")[0].strip() in ("int", "float")}
     assert numeric - set(train_sapo.FLAG_RANGES) == set()
     assert str(train_sapo.FLAG_RANGES["race_confidence"]) == "in (0, 1]"
 
