@@ -37,6 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: pointer loads only
+    TensorDescriptor = None
+
 from kernels.common import check_inputs, segment_order
 
 LOG2E = 1.4426950408889634  # log2(e)
@@ -84,8 +89,11 @@ def _partials_kernel(
     HAS_ROW_INDEX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr = 8, EVEN_K: tl.constexpr = False,
+    GROUP_M: tl.constexpr = 8, EVEN_K: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
+    # USE_TMA: hidden_ptr / weight_ptr are TMA tensor descriptors (blocks [BLOCK_M, BLOCK_K] of the gathered,
+    # contiguous scored rows and [BLOCK_N, BLOCK_K] of the head): the copy engine fetches whole tiles, zero-filled past
+    # R, V and H, and the warps only issue the tensor-core instructions. Otherwise: plain pointers, gathered rows.
     # Grouped program order: pid -> (row tile m, split s), m fastest within a group of GROUP_M row tiles, then s.
     # The last group may hold fewer row tiles (group_rows < GROUP_M); its programs are packed the same way.
     pid = tl.program_id(0)
@@ -122,16 +130,21 @@ def _partials_kernel(
     zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # z2 at the target column
 
     offs_k0 = tl.arange(0, BLOCK_K)
-    h_rows = hidden_ptr + rows[:, None] * stride_ht
+    if not USE_TMA:
+        h_rows = hidden_ptr + rows[:, None] * stride_ht
     for v0 in range(v_begin, v_end, BLOCK_N):
         offs_n = v0 + tl.arange(0, BLOCK_N)
-        # Columns past V re-read column V - 1 (clamped: no load mask); they are set to -inf below.
-        w_cols = weight_ptr + tl.minimum(offs_n, V - 1).to(tl.int64)[None, :] * stride_wv
+        if not USE_TMA:
+            # Columns past V re-read column V - 1 (clamped: no load mask); they are set to -inf below.
+            w_cols = weight_ptr + tl.minimum(offs_n, V - 1).to(tl.int64)[None, :] * stride_wv
         # acc[m, n] = sum_k hidden[row_m, k] * weight[v_n, k]   (weight read as a [BLOCK_K, BLOCK_N] transposed tile)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             offs_k = k0 + offs_k0
-            if EVEN_K:  # H % BLOCK_K == 0 (every real head): no mask at all
+            if USE_TMA:
+                a = hidden_ptr.load([pid_m * BLOCK_M, k0])
+                b = weight_ptr.load([v0, k0]).T
+            elif EVEN_K:  # H % BLOCK_K == 0 (every real head): no mask at all
                 a = tl.load(h_rows + offs_k[None, :] * stride_hh)
                 b = tl.load(w_cols + offs_k[:, None] * stride_wh)
             else:
@@ -225,6 +238,12 @@ def _arch(device):
     return getattr(torch.cuda.get_device_properties(device), "major", 9)
 
 
+def _tma_ok(t):
+    """A TMA descriptor needs a 16-byte aligned base, unit stride along the last dim, 16-byte aligned row stride."""
+    size = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def _config_for(device):
     if device.type != "cuda":
         return dict(INTERPRET_CONFIG)
@@ -281,7 +300,8 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
     """-> (sum_nll fp32 [S], count int64 [S]); same contract as kernels.segment_nll_torch.segment_nll_torch.
 
     `row_nll_out` (fp32 [R], optional) receives the per-row NLL (0 on ignored rows). `num_splits` and `config`
-    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, maxnreg) override the defaults, for tests and tuning.
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, maxnreg, USE_TMA) override the defaults, for tests
+    and tuning. USE_TMA defaults to on for 16-bit inputs on sm_90+ when the head is TMA-compatible (row-major).
     """
     R = check_inputs(hidden, weight, targets, segment_ids, num_segments, row_index, bias, row_nll_out)
     device = hidden.device
@@ -315,6 +335,22 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
     if bias is not None:
         bias = bias.to(device=device).contiguous()
 
+    use_tma = cfg.pop("USE_TMA", None)
+    if use_tma is None:
+        use_tma = device.type == "cuda" and _arch(device) >= 9 and hidden.dtype in (torch.float16, torch.bfloat16)
+    use_tma = bool(use_tma) and TensorDescriptor is not None and _tma_ok(weight)
+    h_arg, w_arg = hidden, weight
+    if use_tma:
+        # Gather the scored rows once (R x H, 1-2% of the kernel's time at H=4096) so that both operands are plain
+        # row-major matrices TMA can tile; Hopper's TMA has no row gather.
+        rows = (hidden if row_index is None else hidden.index_select(0, row_index)).contiguous()
+        if _tma_ok(rows):
+            h_arg = TensorDescriptor.from_tensor(rows, [BLOCK_M, BLOCK_K])
+            w_arg = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K])
+            row_index = None
+        else:
+            use_tma = False
+
     if num_splits is None:
         num_splits = _default_num_splits(triton.cdiv(R, BLOCK_M), triton.cdiv(V, BLOCK_N), device)
     num_row_tiles, blocks_per_split, num_splits = plan_launch(R, V, BLOCK_M, BLOCK_N, num_splits)
@@ -330,7 +366,7 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
     else:
         scale, softcap2 = float(logit_scale) / float(softcap), float(softcap) * LOG2E
     _partials_kernel[(num_row_tiles * num_splits,)](
-        hidden, weight, bias if bias is not None else hidden, row_index if row_index is not None else targets, targets,
+        h_arg, w_arg, bias if bias is not None else hidden, row_index if row_index is not None else targets, targets,
         mx, se, zt,
         R, V, H,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -338,7 +374,7 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
         scale, softcap2, ignore_index,
         HAS_ROW_INDEX=row_index is not None, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=H % BLOCK_K == 0,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=H % BLOCK_K == 0, USE_TMA=use_tma,
         **cfg,  # GROUP_M, num_warps, num_stages and compile options such as maxnreg
     )
 
