@@ -7,7 +7,7 @@ constexpr misuse, shared memory over the limit) and checks the figures the launc
 - ptxas reports no register spills;
 - registers, threads and shared memory allow the CTAS_PER_SM the plan counts wave slots with.
 
-Cases: sm_80 / sm_90 x bf16 / fp16 x the LM heads of SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936) and
+Cases: sm_80 / sm_90 (with TMA descriptor loads, as launched there, and without) x bf16 / fp16 x the LM heads of SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936) and
 Qwen3-8B (4096 x 151936). H, V and R are runtime arguments: a head changes the binary only through Triton's
 specialisation (divisibility of ints by 16) and EVEN_K, so the heads share binaries and each distinct one is compiled
 once (the compile cache below is keyed by everything that reaches triton.compile).
@@ -49,7 +49,7 @@ def compile_(kernel, args, options, cc):
     sig = {n: args[n][0] for n in names}
     consts = {(names.index(n),): v for n, (t, v) in args.items() if t == "constexpr"}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, (t, v) in args.items()
-             if t.startswith("*") or (t == "i32" and v % 16 == 0 and v != 0)}
+             if t.startswith("*") or (t == "i32" and v % 16 == 0 and v != 0)}  # (descriptors: none)
     # ints equal to 1 become constexprs in the JIT too
     for n, (t, v) in args.items():
         if t == "i32" and v == 1:
@@ -72,24 +72,27 @@ def compile_(kernel, args, options, cc):
     cache[key] = dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
                       spill=int(spill.group(1)) + int(spill.group(2)) if spill else -1,
                       smem=ck.metadata.shared, warps=ck.metadata.num_warps,
-                      wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)))
+                      wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
+                      tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)))
     return cache[key]
 
-def partials(cc, dt, H, V, R, cfg):
+def partials(cc, dt, H, V, R, cfg, tma):
     cfg = dict(cfg)
     BM, BN, BK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     group_m = cfg.pop("GROUP_M")
     nrt, bps, ns = snt.plan_launch(R, V, BM, BN, snt.choose_num_splits(-(-R // BM), -(-V // BN), 132, group_m))
     p = "*" + dt
-    args = dict(hidden_ptr=(p, 0), weight_ptr=(p, 0), bias_ptr=(p, 0), row_index_ptr=("*i64", 0),
+    # TMA (the launcher's choice on sm_90+): tensor descriptors over the gathered rows and the head
+    h_ty, w_ty = (f"tensordesc<{dt}[{BM}, {BK}]>", f"tensordesc<{dt}[{BN}, {BK}]>") if tma else (p, p)
+    args = dict(hidden_ptr=(h_ty, 0), weight_ptr=(w_ty, 0), bias_ptr=(p, 0), row_index_ptr=("*i64", 0),
                 targets_ptr=("*i64", 0), mx_ptr=("*fp32", 0), se_ptr=("*fp32", 0), zt_ptr=("*fp32", 0),
                 R=("i32", R), V=("i32", V), H=("i32", H), stride_ht=("i32", H), stride_hh=("i32", 1),
                 stride_wv=("i32", H), stride_wh=("i32", 1), num_row_tiles=("i32", nrt), blocks_per_split=("i32", bps),
                 scale=("fp32", 1.0), softcap2=("fp32", 1.0), ignore_index=("i32", -100),
-                HAS_ROW_INDEX=("constexpr", True), HAS_BIAS=("constexpr", False), HAS_SOFTCAP=("constexpr", False),
+                HAS_ROW_INDEX=("constexpr", not tma), HAS_BIAS=("constexpr", False), HAS_SOFTCAP=("constexpr", False),
                 UPCAST=("constexpr", False), DOT_PRECISION=("constexpr", "tf32"), BLOCK_M=("constexpr", BM),
                 BLOCK_N=("constexpr", BN), BLOCK_K=("constexpr", BK), GROUP_M=("constexpr", group_m),
-                EVEN_K=("constexpr", H % BK == 0))
+                EVEN_K=("constexpr", H % BK == 0), USE_TMA=("constexpr", tma))
     return compile_(snt._partials_kernel, args, cfg, cc)
 
 def reduce_(cc, R, num_splits):
@@ -103,11 +106,13 @@ out = []
 for cc in TARGETS:
     for dt in DTYPES:
         for head, (H, V) in HEADS.items():
-            res = partials(cc, dt, H, V, 16384, snt.GPU_CONFIGS[cc // 10])
-            out.append(dict(kernel="partials", config="default", cc=cc, dtype=dt, head=head, **res))
+            # the default config as launched (TMA on sm_90), and pointer loads (other heads, or USE_TMA=False)
+            for tma in ([True, False] if cc >= 90 else [False]):
+                res = partials(cc, dt, H, V, 16384, snt.GPU_CONFIGS[cc // 10], tma)
+                out.append(dict(kernel="partials", config="default", tma=tma, cc=cc, dtype=dt, head=head, **res))
     out.append(dict(kernel="reduce", config="default", cc=cc, dtype="fp32", head="-", **reduce_(cc, 16384, 9)))
-res = partials(90, "bf16", 4096, 151936, 16384, snt.SM90_TWO_CTAS)
-out.append(dict(kernel="partials", config="SM90_TWO_CTAS", cc=90, dtype="bf16", head="qwen3-8b", **res))
+res = partials(90, "bf16", 4096, 151936, 16384, snt.SM90_TWO_CTAS, False)
+out.append(dict(kernel="partials", config="SM90_TWO_CTAS", tma=False, cc=90, dtype="bf16", head="qwen3-8b", **res))
 print("RESULT " + json.dumps(out))
 print("distinct binaries:", len(cache), file=sys.stderr)
 """
@@ -137,8 +142,10 @@ def compiled():
 
 
 def test_every_case_compiled(compiled):
-    cases = {(r["cc"], r["dtype"], r["head"]) for r in compiled if r["kernel"] == "partials" and r["config"] == "default"}
-    assert cases == {(cc, dt, head) for cc in TARGETS for dt in DTYPES for head in HEADS}
+    cases = {(r["cc"], r["dtype"], r["head"], r["tma"]) for r in compiled
+             if r["kernel"] == "partials" and r["config"] == "default"}
+    assert cases == {(cc, dt, head, tma) for cc in TARGETS for dt in DTYPES for head in HEADS
+                     for tma in ((True, False) if cc >= 90 else (False,))}
     assert {r["cc"] for r in compiled if r["kernel"] == "reduce"} == set(TARGETS)
 
 
@@ -147,10 +154,11 @@ def test_partials_uses_tensor_cores_without_spills(compiled, cc):
     from kernels import segment_nll_triton as snt
 
     for r in (r for r in compiled if r["kernel"] == "partials" and r["cc"] == cc):
-        case = f"sm_{cc} {r['dtype']} {r['head']} {r['config']}"
+        case = f"sm_{cc} {r['dtype']} {r['head']} {r['config']} tma={r['tma']}"
         assert r["spill"] == 0, f"{case}: {r['spill']} bytes of register spills"
         if cc == 90:
             assert r["wgmma"] > 0, f"{case}: no wgmma.mma_async in the PTX"
+            assert (r["tma_loads"] > 0) == r["tma"], f"{case}: {r['tma_loads']} TMA loads in the PTX"
         else:
             assert r["mma"] > 0, f"{case}: no mma.sync in the PTX"
         want = snt.CTAS_PER_SM[cc // 10] if r["config"] == "default" else 2
