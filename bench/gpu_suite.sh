@@ -4,10 +4,11 @@
 # bench/results/), named after the device.
 #
 #     bash bench/gpu_suite.sh                  # every part
-#     bash bench/gpu_suite.sh kernel           # only the fused-kernel benchmark
+#     bash bench/gpu_suite.sh kernel_tests kernel   # only the fused kernel's GPU tests and benchmark
 #     SAPO_RESULTS=/tmp/out PART_TIMEOUT=500 bash bench/gpu_suite.sh kernel
 #
 # Parts:
+#   kernel_tests  tests/test_kernel_cuda.py: the compiled kernels against float64 on this GPU (interpreter off)
 #   kernel    bench/bench_kernel.py in bf16 on the LM heads of SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936)
 #             and Qwen3-8B (4096 x 151936), random weights, 2k and 16k scored rows: ours (Triton) against the torch
 #             chunked path, liger-kernel's fused linear CE, cut-cross-entropy and a bare torch.mm of the same rows.
@@ -38,6 +39,10 @@ if ! $PY -c "import liger_kernel, cut_cross_entropy" 2>/dev/null && ls .whl/*.wh
     fi
 fi
 
+part_kernel_tests() {
+    TRITON_INTERPRET=0 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_cuda.py
+}
+
 part_kernel() {
     $PY bench/bench_kernel.py --heads smollm2-135m,qwen3-0.6b,qwen3-8b --rows 2048,16384 --fractions 1.0 \
         --providers torch_chunked,liger_flce,cce,ours_triton,mm_ceiling --out "$RESULTS/kernel_${DEV}.csv" \
@@ -56,7 +61,7 @@ part_training() {
 }
 
 status=0
-for part in ${@:-kernel scoring training}; do
+for part in ${@:-kernel_tests kernel scoring training}; do
     echo "== part $part ==" | tee -a "$LOG"
     start=$(date +%s)
     timeout "$PART_TIMEOUT" bash -c "$(declare -f part_$part); PY=$PY RESULTS=$RESULTS DEV=$DEV part_$part" 2>&1 | tee -a "$LOG"
