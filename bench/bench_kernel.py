@@ -149,31 +149,22 @@ def top1_candidate(sum_nll, count):
     return int(torch.argmin(score / n))
 
 
-# ---- providers: each returns (sum_nll [S], count [S], row_nll over the scored rows [R]) or None -----------------------
-def segment_reduce_full(loss_full, b):
-    """index_add_ per segment of a loss over all T rows (zeros on ignored rows), as a user of a plain CE would."""
-    loss_full = loss_full.float()
-    sum_nll = torch.zeros(b["num_segments"], dtype=torch.float32, device=loss_full.device)
-    sum_nll.index_add_(0, b["segment_ids_full"], loss_full)
-    count = torch.zeros(b["num_segments"], dtype=torch.long, device=loss_full.device)
-    count.index_add_(0, b["segment_ids_full"], (b["targets_full"] != IGNORE).long())
-    return sum_nll, count, loss_full[b["row_index"]]
+# ---- providers: each returns (sum_nll [S], count [S], row_nll over the scored rows [R]) or None ----------------------
+def segment_reduce(loss, b, full):
+    """index_add_ per segment of a per-row loss (zeros on ignored rows), as a user of a plain CE would: over all T rows
+    (full) or over the R gathered rows. -> (sum_nll, count, loss over the scored rows)"""
+    loss = loss.float()
+    seg, tgt = (b["segment_ids_full"], b["targets_full"]) if full else (b["segment_ids"], b["targets"])
+    sum_nll = torch.zeros(b["num_segments"], dtype=torch.float32, device=loss.device).index_add_(0, seg, loss)
+    count = torch.zeros(b["num_segments"], dtype=torch.long, device=loss.device)
+    count.index_add_(0, seg, (tgt != IGNORE).long())
+    return sum_nll, count, (loss[b["row_index"]] if full else loss)
 
 
 def run_naive(b):  # all T rows: the plain-CE user's cost
     logits = torch.mm(b["hidden"], b["weight"].T).float()
     loss = F.cross_entropy(logits, b["targets_full"], reduction="none", ignore_index=IGNORE)
-    return segment_reduce_full(loss, b)
-
-
-def segment_reduce_rows(loss_rows, b):
-    """index_add_ per segment of a loss over the R gathered rows."""
-    loss_rows = loss_rows.float()
-    sum_nll = torch.zeros(b["num_segments"], dtype=torch.float32, device=loss_rows.device)
-    sum_nll.index_add_(0, b["segment_ids"], loss_rows)
-    count = torch.zeros(b["num_segments"], dtype=torch.long, device=loss_rows.device)
-    count.index_add_(0, b["segment_ids"], (b["targets"] != IGNORE).long())
-    return sum_nll, count, loss_rows
+    return segment_reduce(loss, b, full=True)
 
 
 def run_torch_chunked(b):
@@ -202,7 +193,7 @@ def make_liger():
         loss = loss_fn(b["weight"], b["hidden_rows"], b["targets"])
         if isinstance(loss, tuple):  # some versions return (loss, z_loss)
             loss = loss[0]
-        return segment_reduce_rows(loss, b)
+        return segment_reduce(loss, b, full=False)
     return run
 
 
@@ -212,7 +203,7 @@ def make_cce():
     def run(b):
         loss = linear_cross_entropy(b["hidden_rows"], b["weight"], b["targets"], ignore_index=IGNORE,
                                     reduction="none")
-        return segment_reduce_rows(loss, b)
+        return segment_reduce(loss, b, full=False)
     return run
 
 

@@ -26,7 +26,8 @@ def _use_triton(hidden):
         return False
     if mode == "triton":
         if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("SAPO_KERNEL=triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
+            raise RuntimeError("SAPO_KERNEL=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                               "(set before importing triton)")
         return True
     if mode not in ("", "auto"):
         raise ValueError(f"SAPO_KERNEL must be torch, triton or auto, got {mode!r}")

@@ -9,7 +9,8 @@ import torch
 def check_inputs(hidden, weight, targets, segment_ids, num_segments, row_index, bias, row_nll_out=None):
     """Raise ValueError on inconsistent shapes; return R, the number of scored rows."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"hidden [T, H] and weight [V, H] expected, "
+                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     n_rows = hidden.shape[0] if row_index is None else row_index.shape[0]
     if row_index is not None and row_index.dim() != 1:
         raise ValueError("row_index must be 1-D")

@@ -7,10 +7,11 @@ constexpr misuse, shared memory over the limit) and checks the figures the launc
 - ptxas reports no register spills;
 - registers, threads and shared memory allow the CTAS_PER_SM the plan counts wave slots with.
 
-Cases: sm_80 / sm_90 (with TMA descriptor loads, as launched there, and without) x bf16 / fp16 x the LM heads of SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936) and
-Qwen3-8B (4096 x 151936). H, V and R are runtime arguments: a head changes the binary only through Triton's
-specialisation (divisibility of ints by 16) and EVEN_K, so the heads share binaries and each distinct one is compiled
-once (the compile cache below is keyed by everything that reaches triton.compile).
+Cases: sm_80 / sm_90 (with TMA descriptor loads, as launched there, and without) x bf16 / fp16 x the LM heads of
+SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936) and Qwen3-8B (4096 x 151936). H, V and R are runtime
+arguments: a head changes the binary only through Triton's specialisation (divisibility of ints by 16) and EVEN_K, so
+the heads share binaries and each distinct one is compiled once (the compile cache below is keyed by everything that
+reaches triton.compile).
 
 The compiler runs in a subprocess without TRITON_INTERPRET (conftest sets it for this process, and with it set
 @triton.jit builds interpreter wrappers that cannot be compiled).

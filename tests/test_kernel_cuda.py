@@ -12,24 +12,10 @@ import os
 import pytest
 import torch
 
+from test_kernel_reference import TOL, reference
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs CUDA and TRITON_INTERPRET unset or 0")
-
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-4, 5e-4), torch.bfloat16: (1e-4, 5e-4)}
-
-
-def reference_row_nll(hidden, weight, targets, row_index, bias, logit_scale, softcap):
-    """float64, full logits, on the GPU."""
-    h = hidden.double() if row_index is None else hidden.double()[row_index.long()]
-    z = h @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    z = logit_scale * z
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    valid = targets != -100
-    z_t = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
-    return torch.where(valid, torch.logsumexp(z, 1) - z_t, torch.zeros_like(z_t))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -56,12 +42,10 @@ def test_cuda_kernel_against_float64(dtype, case):
     sum_nll, count = snt.segment_nll_triton(hidden, weight, targets, seg, S, row_index=row_index, bias=bias,
                                             row_nll_out=row_nll, config=config,
                                             num_splits=7 if case == "splits_7" else None, **kw)
-    ref = reference_row_nll(hidden, weight, targets, row_index, bias, kw.get("logit_scale", 1.0), kw.get("softcap"))
+    ref_sum, ref_count, ref = reference(hidden, weight, targets, seg, S, row_index=row_index, bias=bias, **kw)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(row_nll.double(), ref, rtol=rtol, atol=atol)
-    ref_sum = torch.zeros(S, dtype=torch.float64, device="cuda").index_add_(0, seg, ref)
     torch.testing.assert_close(sum_nll.double(), ref_sum, rtol=rtol, atol=atol * 10)
-    ref_count = torch.zeros(S, dtype=torch.long, device="cuda").index_add_(0, seg, (targets != -100).long())
     assert torch.equal(count, ref_count)
     again = snt.segment_nll_triton(hidden, weight, targets, seg, S, row_index=row_index, bias=bias, config=config,
                                    num_splits=7 if case == "splits_7" else None, **kw)

@@ -18,6 +18,7 @@ from kernels import segment_nll
 from kernels import segment_nll_torch as snt_torch
 from kernels import segment_nll_triton as snt
 from kernels.common import segment_sum
+from test_kernel_reference import IGNORE, TOL, reference
 
 sn = kernels  # the dispatcher lives in the package itself
 
@@ -40,7 +41,6 @@ segment_nll_triton = _with_row_nll(snt.segment_nll_triton)
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py must set TRITON_INTERPRET=1 before triton is imported"
 
-IGNORE = -100
 
 # Paths under test. Small chunks / several vocabulary splits make tiny shapes cross every chunk and split boundary.
 PATHS = {
@@ -51,31 +51,6 @@ PATHS = {
     "triton_3split": functools.partial(segment_nll_triton, num_splits=3),
 }
 FAST_PATHS = ["torch_chunked", "triton"]
-
-# Tolerances (relative, absolute) against float64 of the same (already rounded) inputs. Everything after the matmul
-# is fp32 in both paths; 16-bit inputs get a looser bound because the product sums of 16-bit operands in the matmul
-# are accumulated in a different order than in the float64 reference.
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-4, 5e-4), torch.bfloat16: (1e-4, 5e-4)}
-
-
-def reference(hidden, weight, targets, segment_ids, num_segments, *, row_index=None, bias=None, logit_scale=1.0,
-              softcap=None, ignore_index=IGNORE):
-    """float64, full [R, V] logits: (sum_nll [S], count [S], row_nll [R])."""
-    h = hidden.double() if row_index is None else hidden.double()[row_index.long()]
-    z = h @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    z = logit_scale * z
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    valid = targets != ignore_index
-    z_t = z.gather(1, torch.where(valid, targets, 0).long()[:, None]).squeeze(1)
-    row_nll = torch.where(valid, torch.logsumexp(z, dim=1) - z_t, torch.zeros_like(z_t))
-    seg = segment_ids.long()
-    sum_nll = torch.zeros(num_segments, dtype=torch.float64).index_add_(0, seg, row_nll)
-    count = torch.zeros(num_segments, dtype=torch.long).index_add_(0, seg, valid.long())
-    return sum_nll, count, row_nll
-
 
 def make_batch(T, H, V, S, dtype=torch.float32, seed=0, scale=1.0):
     """Random batch with the awkward cases built in: ignored first and last rows and, when S >= 4, segment 1 empty and
