@@ -57,11 +57,13 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 # - sm_90 (measured on an H100, bench/results/kernel_tune_h100.csv): a 128x256 logits tile, K-step 64, 8 warps (two
 #   warpgroups, wgmma), 3 stages = 144 KiB of shared memory, one CTA per SM, GROUP_M=16 row tiles (16 MiB of hidden
 #   rows at H=4096) sharing L2. At Qwen3-8B's head and 16k rows it ran 32 ms against 42 ms for 128x128 tiles capped
-#   at 128 registers (SM90_TWO_CTAS: two CTAs per SM, no spills, but a quarter slower).
+#   at 128 registers (SM90_TWO_CTAS: two CTAs per SM, no spills, but a quarter slower). FLATTEN: the vocabulary and
+#   K loops are software-pipelined as one loop, so the next block's first tiles load during this block's epilogue
+#   (3-6% faster at every head measured, bench/results/kernel_tune_h100_flatten.csv).
 # - sm_80 (not measured; compiled only): mma.sync keeps the accumulator and operand fragments in registers, so a
 #   128x128 tile with K-step 32 and 3 stages (48 KiB), one CTA per SM, no spills.
 GPU_CONFIGS = {
-    9: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=3),
+    9: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=3, FLATTEN=True),
     8: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
 }
 CTAS_PER_SM = {9: 1, 8: 1}
@@ -94,7 +96,10 @@ def _partials_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr = 8, EVEN_K: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+    FLATTEN: tl.constexpr = False,
 ):
+    # FLATTEN: pipeline the vocabulary loop and the K loop as one (tl.range(flatten=True)): loads for the next
+    # vocabulary block are in flight while this block's epilogue runs, instead of the K pipeline draining per block.
     # USE_TMA: hidden_ptr / weight_ptr are TMA tensor descriptors (blocks [BLOCK_M, BLOCK_K] of the gathered,
     # contiguous scored rows and [BLOCK_N, BLOCK_K] of the head): the copy engine fetches whole tiles, zero-filled past
     # R, V and H, and the warps only issue the tensor-core instructions. Otherwise: plain pointers, gathered rows.
@@ -136,7 +141,7 @@ def _partials_kernel(
     offs_k0 = tl.arange(0, BLOCK_K)
     if not USE_TMA:
         h_rows = hidden_ptr + rows[:, None] * stride_ht
-    for v0 in range(v_begin, v_end, BLOCK_N):
+    for v0 in tl.range(v_begin, v_end, BLOCK_N, flatten=FLATTEN):
         offs_n = v0 + tl.arange(0, BLOCK_N)
         if not USE_TMA:
             # Columns past V re-read column V - 1 (clamped: no load mask); they are set to -inf below.
@@ -303,8 +308,8 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
     """-> (sum_nll fp32 [S], count int64 [S]); same contract as kernels.segment_nll_torch.segment_nll_torch.
 
     `row_nll_out` (fp32 [R], optional) receives the per-row NLL (0 on ignored rows). `num_splits` and `config`
-    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, maxnreg, USE_TMA) override the defaults, for tests
-    and tuning. USE_TMA defaults to on for 16-bit inputs on sm_90+ when the head is TMA-compatible (row-major).
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, num_warps, num_stages, maxnreg, USE_TMA) override the defaults, for
+    tests and tuning. USE_TMA defaults to on for 16-bit inputs on sm_90+ when the head is TMA-compatible (row-major).
     """
     R = check_inputs(hidden, weight, targets, segment_ids, num_segments, row_index, bias, row_nll_out)
     device = hidden.device

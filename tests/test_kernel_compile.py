@@ -80,7 +80,7 @@ def compile_(kernel, args, options, cc):
 def partials(cc, dt, H, V, R, cfg, tma):
     cfg = dict(cfg)
     BM, BN, BK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    group_m = cfg.pop("GROUP_M")
+    group_m, flatten = cfg.pop("GROUP_M"), cfg.pop("FLATTEN", False)
     nrt, bps, ns = snt.plan_launch(R, V, BM, BN, snt.choose_num_splits(-(-R // BM), -(-V // BN), 132, group_m))
     p = "*" + dt
     # TMA (the launcher's choice on sm_90+): tensor descriptors over the gathered rows and the head
@@ -93,7 +93,8 @@ def partials(cc, dt, H, V, R, cfg, tma):
                 HAS_ROW_INDEX=("constexpr", not tma), HAS_BIAS=("constexpr", False), HAS_SOFTCAP=("constexpr", False),
                 UPCAST=("constexpr", False), DOT_PRECISION=("constexpr", "tf32"), BLOCK_M=("constexpr", BM),
                 BLOCK_N=("constexpr", BN), BLOCK_K=("constexpr", BK), GROUP_M=("constexpr", group_m),
-                EVEN_K=("constexpr", H % BK == 0), USE_TMA=("constexpr", tma))
+                EVEN_K=("constexpr", H % BK == 0), USE_TMA=("constexpr", tma),
+                FLATTEN=("constexpr", flatten))
     return compile_(snt._partials_kernel, args, cfg, cc)
 
 def reduce_(cc, R, num_splits):

@@ -28,10 +28,12 @@ def run(hidden, weight, targets, seg, S, **kw):
     (64, 2, 5),   # 4 row tiles: whole groups only
     (3, 2, 4),    # one short row tile, more splits than rows
 ])
-def test_grouped_order_and_splits(R, group_m, num_splits):
+@pytest.mark.parametrize("flatten", [False, True])
+def test_grouped_order_and_splits(R, group_m, num_splits, flatten):
     H, V, S = 32, 300, 4  # V = 4 full blocks + a partial one: the splits hold uneven block counts
     hidden, weight, targets, seg = make_batch(R, H, V, S, torch.float16, seed=R + group_m)
-    out = run(hidden, weight, targets, seg, S, num_splits=num_splits, config=dict(BASE, GROUP_M=group_m))
+    out = run(hidden, weight, targets, seg, S, num_splits=num_splits,
+              config=dict(BASE, GROUP_M=group_m, FLATTEN=flatten))
     assert_close_to_reference(out, reference(hidden, weight, targets, seg, S), torch.float16)
 
 
