@@ -13,8 +13,8 @@ and per segment s (one candidate x instance sequence in a packed scoring batch):
     count[s]   = number of those rows whose target is not ignore_index
 
 This is the CPU path, and the oracle the Triton kernel is checked against (besides the float64 reference in
-tests/test_kernels.py). Segment ids must lie in [0, num_segments): a row outside that range is left out of every sum
-and count.
+tests/test_kernel_reference.py). Segment ids must lie in [0, num_segments): a row outside that range is left out of
+every sum and count.
 """
 
 import torch

@@ -35,7 +35,9 @@ def test_failing_provider_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["bench_kernel.py", "--cpu", "--heads", "cpu-256x8k", "--rows", "8,16",
                                       "--fractions", "1.0,0.5", "--out", str(out)])
     torch.manual_seed(0)
-    bench.main()
+    with torch.enable_grad():  # main() turns autograd off for the process; give the later tests their state back
+        bench.main()
+    assert torch.is_grad_enabled()
     rows = list(csv.DictReader(open(out)))
     # 2 row counts x 2 fractions x (broken + naive + torch_chunked + mm_ceiling), in sweep order
     assert [r["provider"] for r in rows] == ["broken", "naive", "torch_chunked", "mm_ceiling"] * 4
