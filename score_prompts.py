@@ -43,6 +43,7 @@ from tasks import IGNORE_INDEX, SapoError, cli_main, instances_hash
 from tasks import packing
 from tasks.candidates import select_index
 from tasks.errors import exit_after_main
+from tasks.launch import check_launch
 from tasks.loaders import read_json, write_json
 from tasks.pools import PoolSource
 from tasks.prompts import encode_task_example
@@ -421,6 +422,7 @@ def print_rounds(result: Selection, out=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    check_launch("score_prompts.py")
     for name in ("instances", "token_budget", "max_length", "row_tokens", "race_first"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise SapoError(f"--{name.replace('_', '-')} must be positive")

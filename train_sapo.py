@@ -35,6 +35,7 @@ from tasks import IGNORE_INDEX, SapoError, cli_main, pad_batch
 from tasks.prompts import encode_task_example
 from tasks.core import Task
 from tasks.errors import exit_after_main
+from tasks.launch import check_launch
 from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, stack_adapters
@@ -746,6 +747,7 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
 @cli_main
 def main(argv=None):
     config, overwrite = parse_config(argv)
+    check_launch("train_sapo.py")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
