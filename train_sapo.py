@@ -36,6 +36,7 @@ from tasks.prompts import encode_task_example
 from tasks.core import Task
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
+from tasks.launch import check_launch
 from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, stack_adapters
@@ -841,6 +842,7 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
 @cli_main
 def main(argv=None):
     config, overwrite = parse_config(argv)
+    check_launch("train_sapo.py")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
