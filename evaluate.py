@@ -494,6 +494,10 @@ def read_instructions(path) -> dict:
 def run_main(args):
     from accelerate import Accelerator
 
+    from tasks.launch import check_launch
+
+    check_launch("evaluate.py")
+
     from tasks.loaders import load_task
     from tasks.models import STACK_FILE, load_model, load_tokenizer, read_stack, resolve_dtype
 

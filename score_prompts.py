@@ -42,14 +42,20 @@ import torch
 from tasks import IGNORE_INDEX, SapoError, cli_main, instances_hash
 from tasks import packing
 from tasks.candidates import select_index
-from tasks.errors import exit_after_main
+from tasks.errors import describe_os_error, exit_after_main, writing
+from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
+from tasks.launch import check_launch
 from tasks.loaders import read_json, write_json
 from tasks.pools import PoolSource
 from tasks.prompts import encode_task_example
 from tasks.racing import RaceRound, race_rounds
+from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, score_key
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
+# Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
+SCORE_RANGES = {**POOL_RANGES, "instances": Range(1), "token_budget": Range(1), "max_length": Range(1),
+                "row_tokens": Range(1), "temperature": Range(0, low_open=True)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,8 +365,7 @@ def select_candidates(model, tokenizer, task, candidates: list[str], instances, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF dir, hub id, adapter (stack) dir; default: offline SmolLM2")
     p.add_argument("--data-dir", default=None, help="SAPO-layout data directory; default: built-in tasks")
     p.add_argument("--task", required=True)
@@ -392,7 +397,9 @@ def parse_args(argv=None):
     p.add_argument("--race-confidence", type=float, default=0.95,
                    help="sapo-race (ours): confidence that the best candidate is never eliminated; 1.0 = never "
                         "eliminate")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(vars(args), SCORE_RANGES)
+    return args
 
 
 def print_table(result: Selection, out=sys.stdout):
@@ -424,11 +431,7 @@ def print_rounds(result: Selection, out=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    for name in ("instances", "token_budget", "max_length", "row_tokens", "race_first"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise SapoError(f"--{name.replace('_', '-')} must be positive")
-    if not 0.0 < args.race_confidence <= 1.0:
-        raise SapoError("--race-confidence must be in (0, 1]")
+    check_launch("score_prompts.py")
     source = PoolSource(candidates_file=args.candidates, max_candidates=args.max_candidates, generate=args.generate,
                         paraphraser=args.paraphraser, paraphrase_api=args.paraphrase_api,
                         temperature=args.temperature, seed=args.seed)
@@ -450,6 +453,10 @@ def main(argv=None):
     source.check_task(task)
     out_dir = Path(args.output).parent if args.output else None
     cache_path = None if args.no_cache else (args.cache or (str(out_dir / "score_cache.json") if out_dir else None))
+    # Where the results go must be writable before any scoring: a read-only place would lose the finished scores.
+    for flag, path in (("--output", args.output), ("--cache", cache_path)):
+        if path:
+            check_writable_file(path, flag)
 
     accelerator = Accelerator()
     base, adapters = resolve(args.model)
@@ -468,14 +475,23 @@ def main(argv=None):
                                race_first=args.race_first, race_confidence=args.race_confidence,
                                token_budget=args.token_budget, max_length=args.max_length, cache_path=cache_path,
                                state_id=state_id, progress=not args.no_progress, row_tokens=args.row_tokens)
+    failed = None
     if accelerator.is_main_process:
-        if args.output:
-            write_json(args.output, {**result.to_json(), "model": args.model or "default", "split": args.split,
-                                     "dtype": str(model.dtype)})
-        print_table(result)
+        print_table(result)  # first: the scores are on screen even when the file cannot be written
         if result.rounds:
             print_rounds(result)
+        if args.output:
+            try:
+                with writing(args.output):
+                    write_json(args.output, {**result.to_json(), "model": args.model or "default",
+                                             "split": args.split, "dtype": str(model.dtype)})
+            except OSError as e:
+                kept = (f"the scores are kept in the cache {cache_path}: rerun with a writable --output and --cache "
+                        f"{cache_path} to write them without scoring again") if cache_path else "the scores are above"
+                failed = f"could not write --output: {describe_os_error(e)}; {kept}"
     accelerator.wait_for_everyone()
+    if failed:
+        raise SapoError(failed)
     accelerator.end_training()  # tears down the process group cleanly under accelerate launch
 
 

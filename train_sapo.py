@@ -34,11 +34,14 @@ import score_prompts
 from tasks import IGNORE_INDEX, SapoError, cli_main, pad_batch
 from tasks.prompts import encode_task_example
 from tasks.core import Task
-from tasks.errors import exit_after_main
+from tasks.errors import describe_os_error, exit_after_main, writing
+from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
+from tasks.launch import check_launch
 from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, resolve_dtype, stack_adapters
 from tasks.pools import PoolSource
+from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
 from tasks.score_cache import model_state_id
 
 
@@ -47,6 +50,7 @@ from tasks.score_cache import model_state_id
 
 @dataclass
 class Config:
+    preset: str | None = None  # the preset the other values started from (recorded in config.json); None = none
     model: str = DEFAULT_MODEL  # hub id, local dir, or the offline default
     sequence: str = "demo"  # built-in name, real-data name (ni_seq_c1, ...), or comma-separated task names
     data_dir: str | None = None  # SAPO-layout directory; None = built-in tasks
@@ -120,47 +124,106 @@ PRESETS = {
                  epochs=2, lr=1e-3, global_batch_size=8, micro_batch_size=8, eval_instances=16, max_new_tokens=12,
                  max_source_length=384, max_target_length=32, output_dir="runs/demo"),
 }
-# Fields that do not change results: a rerun may change them without being refused.
-RESUME_FREE = {"report_to", "eval_batch_size", "score_token_budget", "checkpoint_every"}
+# Fields that do not change results: a rerun may change them without being refused. The run directory's own path is
+# one of them: a moved or copied run resumes.
+RESUME_FREE = {"report_to", "eval_batch_size", "score_token_budget", "checkpoint_every", "output_dir", "preset"}
+# Paths of the inputs: compared by what they hold (tasks.run_dir.RunKey: each task's data, each pool, the model's
+# files), not by how they are spelled, so a relative path, a moved data dir or a copied candidates file resume.
+INPUT_PATHS = {"model", "sequence", "data_dir", "candidates"}
+# Allowed values of every numeric field (None, where a field allows it, means "all" or "off" and always passes);
+# checked at parse time. tests/test_reliability.py fails for a numeric field missing here.
+FLAG_RANGES = {
+    **POOL_RANGES, "builtin_seed": Range(0, MAX_SEED),
+    "score_instances": Range(1), "train_instances": Range(1), "epochs": Range(1), "eval_instances": Range(1),
+    "lr": Range(0, low_open=True), "weight_decay": Range(0), "warmup_ratio": Range(0, 1),
+    "global_batch_size": Range(1), "micro_batch_size": Range(1), "micro_batch_tokens": Range(1),
+    "max_grad_norm": Range(0, low_open=True), "max_source_length": Range(1), "max_target_length": Range(1),
+    "lora_r": Range(1), "lora_alpha": Range(0, low_open=True), "lora_dropout": Range(0, 1, high_open=True),
+    "olora_lambda1": Range(0), "olora_lambda2": Range(0), "eval_batch_size": Range(1), "max_new_tokens": Range(1),
+    "score_token_budget": Range(1), "reselect_every": Range(0), "reselect_top": Range(1), "checkpoint_every": Range(0),
+}
+CHOICES = {"method": ("lora-inc", "o-lora", "seq-lora"), "eval_prompt": ("selected", "original"),
+           "schedule": ("cosine", "linear", "constant"), "eval_split": ("train", "dev", "test"),
+           "dtype": ("auto", "bf16", "fp16", "fp32")}
+
+
+def choose_preset(preset: str | None, given: dict) -> str | None:
+    """--preset when given; else the demo preset on the built-in offline setup (the default model and the built-in
+    tasks, whatever other flags are given: `--output-dir runs/x` or `--seed 1` stay a demo run); else none: the
+    Config defaults (the paper's sizes) with the given model and data."""
+    if preset is not None:
+        return preset
+    offline = given.get("data_dir") is None and given.get("model", DEFAULT_MODEL) == DEFAULT_MODEL
+    return "demo" if offline else None
+
+
+def describe_preset(config: Config) -> str:
+    """One line: the preset and the sizes that decide how long the run takes."""
+    return (f"preset {config.preset or 'none (the paper sizes)'}: model {config.model}, sequence {config.sequence}, "
+            f"{config.max_candidates or 'all'} candidates x {config.score_instances} scoring instances, "
+            f"{config.train_instances} training instances x {config.epochs} epochs, global batch "
+            f"{config.global_batch_size}, {config.eval_instances or 'all'} {config.eval_split} instances per task "
+            f"-> {config.output_dir}")
+
+
+def check_lora_targets(model, lora_targets: str):
+    """Every --lora-targets name must match a module of the model (peft's rule: the module's name, or its last
+    dotted parts), checked as soon as the model is loaded, before the zero-shot evaluation."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in lora_targets.split(",") if t and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                           if isinstance(m, torch.nn.Linear) and "." in n})
+        raise SapoError(f"--lora-targets: the model has no module named {', '.join(missing)} (its linear layers: "
+                        f"{', '.join(suffixes)})")
+
+
+def check_batch_split(config: Config, world: int):
+    """The global batch is dealt to `world` processes in micro-batches: it must split evenly (checked as soon as the
+    process count is known, before any data or model is loaded)."""
+    per_step = config.micro_batch_size * world
+    if config.global_batch_size % per_step:
+        raise SapoError(f"--global-batch-size {config.global_batch_size} cannot be split into --micro-batch-size "
+                        f"{config.micro_batch_size} x {world} process(es): it must be a multiple of {per_step}")
 
 
 def parse_config(argv=None) -> tuple[Config, bool]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="paper = the original recipe; demo = small sizes (the default without any flag)")
+                        help="paper = the original recipe; demo = small sizes (the default with the default model "
+                             "and the built-in tasks, whatever other flags are given)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh when the output dir holds a run with another config (the old one is "
-                             "moved aside, not deleted)")
+                        help="start afresh when the output dir holds a run with another config or other data (the "
+                             "old one is moved aside, not deleted)")
     # --help text: each field's trailing comment in the Config source, plus its default.
     comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(Config), re.M))
-    for f in dataclasses.fields(Config):
+    fields = [f for f in dataclasses.fields(Config) if f.name != "preset"]
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         base_type = f.type.split("|")[0].strip()  # annotations are strings here ("int | None")
-        help_text = (comments.get(f.name, "") + f" (default: {f.default})").strip().replace("%", "%%")
+        allowed = f"; {FLAG_RANGES[f.name]}" if f.name in FLAG_RANGES else ""
+        help_text = (comments.get(f.name, "") + f" (default: {f.default}{allowed})").strip().replace("%", "%%")
         if base_type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, type={"int": int, "float": float}.get(base_type, str), default=None,
                                 help=help_text)
     args = parser.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    # No flags at all -> the demo preset; explicit flags override any preset value.
-    preset = args.preset or ("demo" if not given else None)
-    values = dict(PRESETS.get(preset, {}))
-    values.update(given)
-    config = Config(**values)
-    checks = [(config.method in ("lora-inc", "o-lora", "seq-lora"), f"--method {config.method}"),
-              (config.select in ("sapo", "sapo-race", "original") or re.fullmatch(r"fixed:\d+", config.select),
-               f"--select {config.select}"),
-              (config.race_first >= 1, f"--race-first {config.race_first}"),
-              (0.0 < config.race_confidence <= 1.0, f"--race-confidence {config.race_confidence}"),
-              (config.eval_prompt in ("selected", "original"), f"--eval-prompt {config.eval_prompt}"),
-              (config.dtype in ("auto", "bf16", "fp16", "fp32"), f"--dtype {config.dtype}"),
-              (config.schedule in ("cosine", "linear", "constant"), f"--schedule {config.schedule}")]
-    for ok, what in checks:
-        if not ok:
-            raise SapoError(f"unknown value {what}")
+    given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    # Explicit flags override any preset value.
+    preset = choose_preset(args.preset, given)
+    config = Config(**{**PRESETS.get(preset, {}), **given, "preset": preset})
+    check_ranges(dataclasses.asdict(config), FLAG_RANGES)
+    check_choices(dataclasses.asdict(config), CHOICES)
+    if not (config.select in ("sapo", "sapo-race", "original") or re.fullmatch(r"fixed:\d+", config.select)):
+        raise SapoError(f"--select {config.select}: must be sapo, sapo-race, original or fixed:K")
+    if not config.lora_targets.strip(","):
+        raise SapoError("--lora-targets is empty: name the modules to adapt (e.g. q_proj,v_proj)")
+    if config.report_to:
+        from accelerate.utils import LoggerType
+
+        check_choices(dataclasses.asdict(config), {"report_to": tuple(t.value for t in LoggerType)})
     config.pool_source().check()
     return config, args.overwrite
 
@@ -378,6 +441,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     checkpoint = task_dir / "checkpoint"
     log_path = task_dir / "train_log.jsonl"
     start_step, earlier_seconds = 0, 0.0
+    recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
         accelerator.load_state(str(checkpoint), strict=False)
         saved = read_json(checkpoint / "sapo_step.json")
@@ -465,7 +529,8 @@ def save_adapter(peft_model, name: str, adapter_dir: Path):
     """Save one adapter so that stock `PeftModel.from_pretrained(base, adapter_dir)` loads it."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), selected_adapters=[name])
+    with writing(tmp):
+        peft_model.save_pretrained(str(tmp), selected_adapters=[name])
     saved = tmp / name if (tmp / name / "adapter_config.json").exists() else tmp  # peft nests non-default names
     os.replace(saved, adapter_dir)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -486,13 +551,30 @@ def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(tmp):  # a full disk: one line naming the folder (torch's own message names neither)
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "sapo_step.json").write_text(json.dumps({"step": step, **(extra or {})}))
+        (tmp / "sapo_step.json").write_text(json.dumps({"step": step, **(extra or {})}))  # last: tmp is complete
+        # Renames only: `checkpoint` is always complete or absent (deleting it first left a window with neither).
+        old = checkpoint.with_name(checkpoint.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if checkpoint.exists():
-            shutil.rmtree(checkpoint)
+            os.replace(checkpoint, old)
         os.replace(tmp, checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def recover_checkpoint(accelerator, checkpoint: Path):
+    """After a kill inside save_checkpoint's swap: no `checkpoint`, but a complete new one (.tmp) or the previous one
+    (.old) next to it. Put the newest complete one back."""
+    if accelerator.is_main_process and not checkpoint.exists():
+        for suffix in (".tmp", ".old"):
+            candidate = checkpoint.with_name(checkpoint.name + suffix)
+            if (candidate / "sapo_step.json").exists():
+                os.replace(candidate, checkpoint)
+                break
     accelerator.wait_for_everyone()
 
 
@@ -521,7 +603,8 @@ class Run:
     def save(self, path: Path, obj):
         """A run file, written atomically by the main process; every process waits for it."""
         if self.accelerator.is_main_process:
-            write_json(path, obj)
+            with writing(path):
+                write_json(path, obj)
         self.accelerator.wait_for_everyone()
 
 
@@ -580,25 +663,38 @@ class Row:
     seconds: float
 
 
-def prepare_run_dir(config: Config, overwrite: bool, accelerator) -> Path:
-    """Create the run dir, or check that an existing one was made with the same config (then the run resumes)."""
+def run_key(config: Config, tasks: list[Task], base_path: str, base_adapters: list[str]) -> RunKey:
+    """What this run's results are made from: config values, each task's data and candidate pool, the model."""
+    pools = {} if config.select == "original" or config.generate else \
+        {t.name: pool_hash(config.pool_source().build(t)) for t in tasks if t.instruction.strip()}
+    return RunKey(config={k: v for k, v in dataclasses.asdict(config).items()
+                          if k not in RESUME_FREE and k not in INPUT_PATHS},
+                  tasks=[[t.name, t.content_hash()] for t in tasks], pools=pools,
+                  model=model_state_id(base_path, base_adapters), model_name=config.model)
+
+
+def prepare_run_dir(config: Config, key: RunKey, overwrite: bool, accelerator) -> Path:
+    """Lock the run dir (only the main process locks: one launch is one run), and check that what it holds was made
+    from the same config, data, pools and model (then the run resumes). Every process gets the main process's
+    verdict, so a refusal ends all of them with the same line."""
+    from accelerate.utils import broadcast_object_list
+
     run_dir = Path(config.output_dir)
-    saved = read_json(run_dir / "config.json", default=None)
-    current = dataclasses.asdict(config)
-    if saved is not None:
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in RESUME_FREE and saved.get(k) != current.get(k))
-        if changed and not overwrite:
-            raise SapoError(f"{run_dir} holds a run with another config ({', '.join(changed)} differ); use another "
-                            "--output-dir, or --overwrite to move the old run aside and start afresh")
-        if changed and accelerator.is_main_process:
-            backup = run_dir.with_name(run_dir.name + time.strftime(".old-%Y%m%d-%H%M%S"))
-            os.replace(run_dir, backup)
-            print(f"moved the earlier run to {backup}")
-    accelerator.wait_for_everyone()
+    outcome = [None]
     if accelerator.is_main_process:
-        write_json(run_dir / "config.json", current)
-    accelerator.wait_for_everyone()
+        try:
+            outcome = [("ok", open_run_dir(run_dir, dataclasses.asdict(config), key, overwrite))]
+        except SapoError as e:
+            outcome = [("error", str(e))]
+        except OSError as e:  # a read-only or unwritable place, a file in the way: one line naming the path
+            outcome = [("error", describe_os_error(e))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    verdict, message = outcome[0]
+    if verdict == "error":
+        raise SapoError(message)
+    if message:
+        accelerator.print(message)
     return run_dir
 
 
@@ -819,21 +915,26 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
 @cli_main
 def main(argv=None):
     config, overwrite = parse_config(argv)
+    check_launch("train_sapo.py")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    accelerator.print(describe_preset(config))
+    check_batch_split(config, accelerator.num_processes)
     set_seed(config.seed)
     tasks = load_tasks(config, accelerator)  # data first: a bad task name or pool fails before any model loads
-    run_dir = prepare_run_dir(config, overwrite, accelerator)
+    base_path, base_adapters = resolve(config.model)
+    run_dir = prepare_run_dir(config, run_key(config, tasks, base_path, base_adapters), overwrite, accelerator)
     if config.report_to:
         accelerator.init_trackers("sapo", config={k: v for k, v in dataclasses.asdict(config).items()
                                                   if isinstance(v, (int, float, str, bool))})
-    base_path, base_adapters = resolve(config.model)
     run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
+    check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
     # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)))
+    check_lora_targets(state.model, config.lora_targets)
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
     originals = {t.name: t.instruction for t in tasks}

@@ -14,19 +14,25 @@ score is the mean over their segments of the per-segment mean NLL, lower is bett
 
 Providers, all on the same tensors:
   naive          torch.mm over all T rows, .float(), F.cross_entropy(reduction='none', ignore_index), index_add_
-  torch_chunked  kernels.segment_nll_torch with row_index (ours, PyTorch path)
-  liger_flce     liger-kernel LigerFusedLinearCrossEntropyLoss(reduction='none') over all T rows, then index_add_
-  cce            cut-cross-entropy linear_cross_entropy(reduction='none') over all T rows, then index_add_
-  ours_triton    kernels.segment_nll_triton with row_index
-  mm_ceiling     bare torch.mm of the R scored rows (no softmax at all): the practical ceiling
-"naive", "liger_flce" and "cce" have no row index, so they get all T rows with the prompt targets set to ignore_index
-(CCE drops those rows itself, with a nonzero() host sync). TFLOP/s "useful" counts 2*R*H*V, "performed" counts the
-rows the provider actually multiplies.
+  torch_chunked  kernels.segment_nll_torch.segment_nll_torch with row_index (ours, PyTorch path)
+  liger_flce     liger-kernel LigerFusedLinearCrossEntropyLoss(reduction='none') on the R gathered rows
+  cce            cut-cross-entropy linear_cross_entropy(reduction='none') on the R gathered rows
+  ours_triton    kernels.segment_nll_triton.segment_nll_triton with row_index (the gather happens in the kernel)
+  ours_triton[k=v;...]  the same with a config override (--ours-configs), for tuning on a GPU
+  mm_ceiling     bare torch.mm of the R gathered rows (no softmax at all): the practical ceiling
+liger_flce, cce and mm_ceiling get the scored rows gathered once outside the timed region (hidden[row_index], the
+same rows ours scores), so kernel is compared against kernel; they then reduce per segment with index_add_. Only
+"naive" multiplies all T rows. TFLOP/s "useful" counts 2*R*H*V, "performed" 2*rows_computed*H*V, rows_computed being
+the rows the provider really multiplies.
+
+A provider that fails (any exception, OOM included) is recorded with its error in the status column and the sweep
+goes on; every row is appended to the CSV (and flushed) as soon as it is measured.
 
 Columns: median ms (triton.testing.do_bench on GPU; median of time.perf_counter repeats on CPU), TFLOP/s useful and
 performed, peak extra memory (torch.cuda.max_memory_allocated above the inputs on GPU; not measured on CPU, where
-tracemalloc does not see torch's allocator), max |row NLL - float64 reference| over the scored rows, and whether the
-top-1 candidate matches the float64 ranking.
+tracemalloc does not see torch's allocator), max |row NLL - float64 reference| over the scored rows (over the first
+REF_SAMPLE_ROWS of them when R is larger: `ref_rows`), and whether the top-1 candidate matches the float64 ranking
+(only when the reference covers every row).
 """
 
 import argparse
@@ -43,10 +49,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import segment_nll_torch  # noqa: E402
+from kernels.segment_nll_torch import segment_nll_torch  # noqa: E402
 
 # ---- defaults -------------------------------------------------------------------------------------------------------
-GPU_HEADS = {"qwen3-0.6b": (1024, 151936), "llama-3.2-1b": (2048, 128256), "qwen3-8b": (4096, 151936)}
+# LM heads (hidden size H, vocabulary V) of real models, as in their config.json (hidden_size, vocab_size)
+GPU_HEADS = {"smollm2-135m": (576, 49152), "qwen3-0.6b": (1024, 151936), "llama-3.2-1b": (2048, 128256),
+             "qwen3-8b": (4096, 151936)}
 CPU_HEADS = {"cpu-256x8k": (256, 8192), "smollm-135m": (576, 49152)}
 GPU_ROWS = [4096, 16384, 65536]
 CPU_ROWS = [512, 2048]
@@ -56,6 +64,7 @@ NUM_CANDIDATES = 8
 IGNORE = -100
 CPU_REPEATS = 3  # after the call that measured the errors (the warm-up)
 CPU_MAX_GFLOP = 200  # on CPU, skip a provider call performing more than this (naive at fraction 0.1 is 10x the work)
+REF_SAMPLE_ROWS = 4096  # float64 reference over at most this many scored rows (the first ones)
 
 
 # ---- environment ----------------------------------------------------------------------------------------------------
@@ -72,6 +81,8 @@ def describe_device(device):
 
 
 def git_commit():
+    if os.environ.get("SAPO_COMMIT"):  # a copy without .git (e.g. shipped to a lent GPU machine) says it here
+        return os.environ["SAPO_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True,
@@ -107,16 +118,18 @@ def make_batch(R, fraction, H, V, dtype, device, seed=0):
     b = dict(hidden=hidden, weight=weight, row_index=row_index, targets=targets_full[row_index],
              segment_ids=seg_of_row[row_index], targets_full=targets_full, segment_ids_full=seg_of_row)
     b = {k: v.to(device) for k, v in b.items()}
+    b["hidden_rows"] = b["hidden"][b["row_index"]]  # the scored rows, gathered once (for the other kernels)
     b.update(R=R, T=T, H=H, V=V, num_segments=n_seq)
     return b
 
 
 @torch.no_grad()
-def reference_row_nll(b, chunk_rows=1024, chunk_vocab=16384):
-    """float64 NLL of the scored rows, chunked so that it fits at any size."""
+def reference_row_nll(b, n_rows, chunk_rows=1024, chunk_vocab=16384):
+    """float64 NLL of the first n_rows scored rows, chunked so that it fits at any size."""
     hidden, weight, row_index, targets = b["hidden"], b["weight"], b["row_index"], b["targets"]
-    out = torch.empty(b["R"], dtype=torch.float64, device=hidden.device)
-    for r0 in range(0, b["R"], chunk_rows):
+    out = torch.empty(n_rows, dtype=torch.float64, device=hidden.device)
+    for r0 in range(0, n_rows, chunk_rows):
+        chunk_rows = min(chunk_rows, n_rows - r0)
         h = hidden[row_index[r0:r0 + chunk_rows]].double()
         t = targets[r0:r0 + chunk_rows]
         lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float64, device=h.device)
@@ -136,32 +149,40 @@ def top1_candidate(sum_nll, count):
     return int(torch.argmin(score / n))
 
 
-# ---- providers: each returns (sum_nll [S], count [S], row_nll over the scored rows [R]) or None -----------------------
-def segment_reduce_full(loss_full, b):
-    """index_add_ per segment of a loss over all T rows (zeros on ignored rows), as a user of a plain CE would."""
-    loss_full = loss_full.float()
-    sum_nll = torch.zeros(b["num_segments"], dtype=torch.float32, device=loss_full.device)
-    sum_nll.index_add_(0, b["segment_ids_full"], loss_full)
-    count = torch.zeros(b["num_segments"], dtype=torch.long, device=loss_full.device)
-    count.index_add_(0, b["segment_ids_full"], (b["targets_full"] != IGNORE).long())
-    return sum_nll, count, loss_full[b["row_index"]]
+# ---- providers: each returns (sum_nll [S], count [S], row_nll over the scored rows [R]) or None ----------------------
+def segment_reduce(loss, b, full):
+    """index_add_ per segment of a per-row loss (zeros on ignored rows), as a user of a plain CE would: over all T rows
+    (full) or over the R gathered rows. -> (sum_nll, count, loss over the scored rows)"""
+    loss = loss.float()
+    seg, tgt = (b["segment_ids_full"], b["targets_full"]) if full else (b["segment_ids"], b["targets"])
+    sum_nll = torch.zeros(b["num_segments"], dtype=torch.float32, device=loss.device).index_add_(0, seg, loss)
+    count = torch.zeros(b["num_segments"], dtype=torch.long, device=loss.device)
+    count.index_add_(0, seg, (tgt != IGNORE).long())
+    return sum_nll, count, (loss[b["row_index"]] if full else loss)
 
 
-def run_naive(b):
+def run_naive(b):  # all T rows: the plain-CE user's cost
     logits = torch.mm(b["hidden"], b["weight"].T).float()
     loss = F.cross_entropy(logits, b["targets_full"], reduction="none", ignore_index=IGNORE)
-    return segment_reduce_full(loss, b)
+    return segment_reduce(loss, b, full=True)
 
 
 def run_torch_chunked(b):
-    return segment_nll_torch(b["hidden"], b["weight"], b["targets"], b["segment_ids"], b["num_segments"],
-                             row_index=b["row_index"], return_row_nll=True)
+    row_nll = torch.empty(b["R"], dtype=torch.float32, device=b["hidden"].device)
+    out = segment_nll_torch(b["hidden"], b["weight"], b["targets"], b["segment_ids"], b["num_segments"],
+                            row_index=b["row_index"], row_nll_out=row_nll)
+    return out + (row_nll,)
 
 
-def run_ours_triton(b):
-    from kernels import segment_nll_triton
-    return segment_nll_triton(b["hidden"], b["weight"], b["targets"], b["segment_ids"], b["num_segments"],
-                              row_index=b["row_index"], return_row_nll=True)
+def make_ours_triton(config=None):
+    from kernels.segment_nll_triton import segment_nll_triton
+
+    def run(b):
+        row_nll = torch.empty(b["R"], dtype=torch.float32, device=b["hidden"].device)
+        out = segment_nll_triton(b["hidden"], b["weight"], b["targets"], b["segment_ids"], b["num_segments"],
+                                 row_index=b["row_index"], row_nll_out=row_nll, config=config)
+        return out + (row_nll,)
+    return run
 
 
 def make_liger():
@@ -169,10 +190,10 @@ def make_liger():
     loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")
 
     def run(b):
-        loss = loss_fn(b["weight"], b["hidden"], b["targets_full"])
-        if isinstance(loss, tuple):  # newer versions may return (loss, z_loss)
+        loss = loss_fn(b["weight"], b["hidden_rows"], b["targets"])
+        if isinstance(loss, tuple):  # some versions return (loss, z_loss)
             loss = loss[0]
-        return segment_reduce_full(loss, b)
+        return segment_reduce(loss, b, full=False)
     return run
 
 
@@ -180,27 +201,37 @@ def make_cce():
     from cut_cross_entropy import linear_cross_entropy
 
     def run(b):
-        loss = linear_cross_entropy(b["hidden"], b["weight"], b["targets_full"], ignore_index=IGNORE,
+        loss = linear_cross_entropy(b["hidden_rows"], b["weight"], b["targets"], ignore_index=IGNORE,
                                     reduction="none")
-        return segment_reduce_full(loss, b)
+        return segment_reduce(loss, b, full=False)
     return run
 
 
 def run_mm_ceiling(b):
-    torch.mm(b["hidden"][b["row_index"]], b["weight"].T)
+    torch.mm(b["hidden_rows"], b["weight"].T)
     return None
 
 
-def providers(device):
-    """name -> (fn, rows it multiplies: 'R' or 'T'), with optional ones skipped (and said so) when unavailable."""
+def parse_config(text):
+    """'BLOCK_N=256;num_stages=4' -> {'BLOCK_N': 256, 'num_stages': 4}"""
+    return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(";") if kv.strip())}
+
+
+def providers(device, ours_configs=()):
+    """name -> (fn, rows it multiplies: 'R' or 'T'). Optional packages that fail to import are providers that fail
+    (recorded as such), not silently missing ones."""
     out = {"naive": (run_naive, "T"), "torch_chunked": (run_torch_chunked, "R")}
     if device.type == "cuda":
         for name, make in (("liger_flce", make_liger), ("cce", make_cce)):
             try:
-                out[name] = (make(), "T")
-            except ImportError as e:
-                print(f"[skip] {name}: not installed ({e.name or e})")
-        out["ours_triton"] = (run_ours_triton, "R")
+                out[name] = (make(), "R")
+            except Exception as e:  # noqa: BLE001 -- unavailable: every call of it reports why
+                def unavailable(b, e=e):
+                    raise RuntimeError(f"unavailable: {type(e).__name__}: {e}")
+                out[name] = (unavailable, "R")
+        out["ours_triton"] = (make_ours_triton(), "R")
+        for text in ours_configs:
+            out[f"ours_triton[{text}]"] = (make_ours_triton(parse_config(text)), "R")
     else:
         print("[skip] liger_flce, cce, ours_triton: CUDA only (the Triton interpreter is far too slow to time)")
     out["mm_ceiling"] = (run_mm_ceiling, "R")
@@ -246,6 +277,8 @@ def main():
     ap.add_argument("--rows", default=None, help="comma-separated scored-row counts R")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="response fractions")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 GPU, fp32 CPU")
+    ap.add_argument("--ours-configs", default="", help="extra ours_triton configs, '|'-separated, each "
+                    "'k=v;k=v' (e.g. 'BLOCK_N=256;num_stages=4|maxnreg=168')")
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -268,60 +301,75 @@ def main():
     meta = dict(device=device_name, torch=torch.__version__, triton=triton_version(), commit=git_commit(),
                 dtype=str(dtype).replace("torch.", ""))
     print(" | ".join(f"{k}: {v}" for k, v in meta.items()))
-    provs = providers(device)
+    provs = providers(device, [c for c in args.ours_configs.split("|") if c.strip()])
     if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
+        wanted = args.providers.split(",")
+        provs = {k: v for k, v in provs.items() if k in wanted or k.split("[")[0] in wanted}
 
     header = ["head", "H", "V", "R", "fraction", "T", "provider", "rows_computed", "ms", "tflops_useful",
-              "tflops_performed", "peak_extra_mib", "max_abs_err", "top1_agree", "status"]
+              "tflops_performed", "peak_extra_mib", "ref_rows", "max_abs_err", "top1_agree", "status"]
     print(f"{'head':<13}{'R':>7}{'frac':>6}{'provider':>15}{'ms':>10}{'TF/s use':>10}{'TF/s perf':>10}"
           f"{'MiB':>9}{'max err':>10}{'top1':>6}  status")
-    records = []
-    for head, (H, V) in heads.items():
-        for R in rows:
-            for fraction in fractions:
-                b = make_batch(R, fraction, H, V, dtype, device, seed=args.seed)
-                ref_nll = reference_row_nll(b)
-                ref_sum = torch.zeros(b["num_segments"], dtype=torch.float64, device=device)
-                ref_sum.index_add_(0, b["segment_ids"], ref_nll)
-                ref_count = torch.bincount(b["segment_ids"], minlength=b["num_segments"])
-                ref_top1 = top1_candidate(ref_sum, ref_count)
-                for name, (fn, which_rows) in provs.items():
-                    n_rows = R if which_rows == "R" else b["T"]
-                    rec = dict(head=head, H=H, V=V, R=R, fraction=fraction, T=b["T"], provider=name,
-                               rows_computed=n_rows, ms=None, tflops_useful=None, tflops_performed=None,
-                               peak_extra_mib=None, max_abs_err=None, top1_agree=None, status="ok")
-                    if not on_gpu and 2 * n_rows * H * V / 1e9 > CPU_MAX_GFLOP:
-                        rec["status"] = f"skipped: > {CPU_MAX_GFLOP} GFLOP on CPU"
-                    else:
-                        try:
-                            result = fn(b)
-                            if result is not None:
-                                sum_nll, count, row_nll = result
-                                rec["max_abs_err"] = (row_nll.double() - ref_nll).abs().max().item()
-                                rec["top1_agree"] = int(top1_candidate(sum_nll, count) == ref_top1)
-                            rec["peak_extra_mib"] = peak_extra_mib(lambda: fn(b), device)
-                            rec["ms"] = time_ms(lambda: fn(b), device)
-                            rec["tflops_useful"] = 2 * R * H * V / (rec["ms"] * 1e-3) / 1e12
-                            rec["tflops_performed"] = 2 * n_rows * H * V / (rec["ms"] * 1e-3) / 1e12
-                        except torch.OutOfMemoryError:
-                            rec["status"] = "OOM"
-                            torch.cuda.empty_cache()
-                    records.append(rec)
-                    print(f"{head:<13}{R:>7}{fraction:>6}{name:>15}{fmt(rec['ms'], 10, '.2f')}"
-                          f"{fmt(rec['tflops_useful'], 10, '.3f')}{fmt(rec['tflops_performed'], 10, '.3f')}"
-                          f"{fmt(rec['peak_extra_mib'], 9, '.0f')}{fmt(rec['max_abs_err'], 10, '.2e')}"
-                          f"{fmt(rec['top1_agree'], 6, 'd')}  {rec['status']}", flush=True)
-                del b, ref_nll
-
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(meta) + header)
         w.writeheader()
-        for rec in records:
-            w.writerow({**meta, **rec})
+        for head, (H, V) in heads.items():
+            for R in rows:
+                for fraction in fractions:
+                    b = make_batch(R, fraction, H, V, dtype, device, seed=args.seed)
+                    ref_rows = min(R, REF_SAMPLE_ROWS)
+                    ref_nll = reference_row_nll(b, ref_rows)
+                    ref_top1 = None
+                    if ref_rows == R:
+                        ref_sum = torch.zeros(b["num_segments"], dtype=torch.float64, device=device)
+                        ref_sum.index_add_(0, b["segment_ids"], ref_nll)
+                        ref_top1 = top1_candidate(ref_sum, torch.bincount(b["segment_ids"],
+                                                                          minlength=b["num_segments"]))
+                    for name, (fn, which_rows) in provs.items():
+                        rec = measure(name, fn, which_rows, b, ref_nll, ref_top1, on_gpu, device)
+                        rec.update(head=head, fraction=fraction)
+                        w.writerow({**meta, **{k: rec.get(k) for k in header}})
+                        f.flush()  # a crash later keeps what was measured
+                        print(f"{head:<13}{R:>7}{fraction:>6}{name:>15}{fmt(rec['ms'], 10, '.2f')}"
+                              f"{fmt(rec['tflops_useful'], 10, '.3f')}{fmt(rec['tflops_performed'], 10, '.3f')}"
+                              f"{fmt(rec['peak_extra_mib'], 9, '.0f')}{fmt(rec['max_abs_err'], 10, '.2e')}"
+                              f"{fmt(rec['top1_agree'], 6, 'd')}  {rec['status']}", flush=True)
+                    del b, ref_nll
+                    if on_gpu:
+                        torch.cuda.empty_cache()
     print(f"wrote {out_path}" + ("" if on_gpu else "  (CPU figures: PyTorch providers only, peak memory not measured)"))
 
+
+def measure(name, fn, which_rows, b, ref_nll, ref_top1, on_gpu, device):
+    """One provider on one batch -> a CSV record; any exception becomes the record's status."""
+    R, H, V = b["R"], b["H"], b["V"]
+    n_rows = R if which_rows == "R" else b["T"]
+    rec = dict(H=H, V=V, R=R, T=b["T"], provider=name, rows_computed=n_rows, ms=None, tflops_useful=None,
+               tflops_performed=None, peak_extra_mib=None, ref_rows=ref_nll.numel(), max_abs_err=None,
+               top1_agree=None, status="ok")
+    if not on_gpu and 2 * n_rows * H * V / 1e9 > CPU_MAX_GFLOP:
+        rec["status"] = f"skipped: > {CPU_MAX_GFLOP} GFLOP on CPU"
+        return rec
+    try:
+        result = fn(b)
+        if result is not None:
+            sum_nll, count, row_nll = result
+            rec["max_abs_err"] = (row_nll[:ref_nll.numel()].double() - ref_nll).abs().max().item()
+            if ref_top1 is not None:
+                rec["top1_agree"] = int(top1_candidate(sum_nll, count) == ref_top1)
+        del result
+        rec["peak_extra_mib"] = peak_extra_mib(lambda: fn(b), device)
+        rec["ms"] = time_ms(lambda: fn(b), device)
+        rec["tflops_useful"] = 2 * R * H * V / (rec["ms"] * 1e-3) / 1e12
+        rec["tflops_performed"] = 2 * n_rows * H * V / (rec["ms"] * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001 -- record the failure, go on with the sweep
+        rec["status"] = "OOM" if isinstance(e, torch.OutOfMemoryError) else \
+            f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    return rec
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,6 @@ Both paths are exercised on CPU: the PyTorch path directly, the Triton kernels t
 """
 
 import functools
-import importlib
 import os
 
 import pytest
@@ -15,15 +14,33 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels import segment_nll, segment_nll_torch, segment_nll_triton, segment_sum
+from kernels import segment_nll
+from kernels import segment_nll_torch as snt_torch
+from kernels import segment_nll_triton as snt
+from kernels.common import segment_sum
+from test_kernel_reference import IGNORE, TOL, reference
 
-# `kernels.segment_nll` the attribute is the function (re-exported by the package), so fetch the module itself
-sn = importlib.import_module("kernels.segment_nll")
-snt = importlib.import_module("kernels.segment_nll_triton")
+sn = kernels  # the dispatcher lives in the package itself
+
+
+def _with_row_nll(fn):
+    """The launchers write per-row NLLs into `row_nll_out`; the tests ask for them with return_row_nll=True and get
+    (sum_nll, count, row_nll) back."""
+    @functools.wraps(fn)
+    def call(hidden, weight, targets, segment_ids, num_segments, *, return_row_nll=False, **kw):
+        if not return_row_nll:
+            return fn(hidden, weight, targets, segment_ids, num_segments, **kw)
+        n_rows = hidden.shape[0] if kw.get("row_index") is None else kw["row_index"].shape[0]
+        row_nll = torch.full((n_rows,), float("nan"), dtype=torch.float32)  # NaN: an unwritten row shows
+        return fn(hidden, weight, targets, segment_ids, num_segments, row_nll_out=row_nll, **kw) + (row_nll,)
+    return call
+
+
+segment_nll_torch = _with_row_nll(snt_torch.segment_nll_torch)
+segment_nll_triton = _with_row_nll(snt.segment_nll_triton)
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py must set TRITON_INTERPRET=1 before triton is imported"
 
-IGNORE = -100
 
 # Paths under test. Small chunks / several vocabulary splits make tiny shapes cross every chunk and split boundary.
 PATHS = {
@@ -34,31 +51,6 @@ PATHS = {
     "triton_3split": functools.partial(segment_nll_triton, num_splits=3),
 }
 FAST_PATHS = ["torch_chunked", "triton"]
-
-# Tolerances (relative, absolute) against float64 of the same (already rounded) inputs. Everything after the matmul
-# is fp32 in both paths; 16-bit inputs get a looser bound because the product sums of 16-bit operands in the matmul
-# are accumulated in a different order than in the float64 reference.
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-4, 5e-4), torch.bfloat16: (1e-4, 5e-4)}
-
-
-def reference(hidden, weight, targets, segment_ids, num_segments, *, row_index=None, bias=None, logit_scale=1.0,
-              softcap=None, ignore_index=IGNORE):
-    """float64, full [R, V] logits: (sum_nll [S], count [S], row_nll [R])."""
-    h = hidden.double() if row_index is None else hidden.double()[row_index.long()]
-    z = h @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    z = logit_scale * z
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    valid = targets != ignore_index
-    z_t = z.gather(1, torch.where(valid, targets, 0).long()[:, None]).squeeze(1)
-    row_nll = torch.where(valid, torch.logsumexp(z, dim=1) - z_t, torch.zeros_like(z_t))
-    seg = segment_ids.long()
-    sum_nll = torch.zeros(num_segments, dtype=torch.float64).index_add_(0, seg, row_nll)
-    count = torch.zeros(num_segments, dtype=torch.long).index_add_(0, seg, valid.long())
-    return sum_nll, count, row_nll
-
 
 def make_batch(T, H, V, S, dtype=torch.float32, seed=0, scale=1.0):
     """Random batch with the awkward cases built in: ignored first and last rows and, when S >= 4, segment 1 empty and
@@ -236,13 +228,13 @@ def test_bf16_interpreter_upcast_is_needed(monkeypatch):
 def test_torch_path_never_builds_full_logits(monkeypatch):
     # The PyTorch path must stay within its (rows x vocab) chunk for any V; record every logits block it builds.
     shapes = []
-    real = sn._logits_fp32
+    real = snt_torch._logits_fp32
 
     def spy(h, w):
         shapes.append((h.shape[0], w.shape[0]))
         return real(h, w)
 
-    monkeypatch.setattr(sn, "_logits_fp32", spy)
+    monkeypatch.setattr(snt_torch, "_logits_fp32", spy)
     hidden, weight, targets, seg = make_batch(30, 16, 1000, 3, seed=12)
     segment_nll_torch(hidden, weight, targets, seg, 3, chunk_rows=8, chunk_vocab=256)
     assert max(r for r, _ in shapes) <= 8 and max(v for _, v in shapes) <= 256
@@ -261,8 +253,8 @@ def test_segment_sum_deterministic_and_exact():
 
 def test_dispatcher_env_switch(monkeypatch):
     calls = []
-    monkeypatch.setattr(sn, "segment_nll_torch", lambda *a, **k: calls.append("torch") or "t")
-    monkeypatch.setattr(sn, "segment_nll_triton", lambda *a, **k: calls.append("triton") or "x")
+    monkeypatch.setattr(snt_torch, "segment_nll_torch", lambda *a, **k: calls.append("torch") or "t")
+    monkeypatch.setattr(snt, "segment_nll_triton", lambda *a, **k: calls.append("triton") or "x")
     hidden, weight, targets, seg = make_batch(8, 16, 50, 3)
     args = (hidden, weight, targets, seg, 3)
 
@@ -289,8 +281,10 @@ def test_dispatcher_end_to_end(monkeypatch):
     hidden, weight, targets, seg = make_batch(20, 24, 300, 4, seed=14)
     ref = reference(hidden, weight, targets, seg, 4)
     monkeypatch.setenv("SAPO_KERNEL", "triton")
-    assert_close_to_reference(kernels.segment_nll(hidden, weight, targets, seg, 4, return_row_nll=True), ref,
-                              torch.float32)
+    out = kernels.segment_nll(hidden, weight, targets, seg, 4)
+    assert len(out) == 2
+    assert_close_to_reference(out + (segment_nll_triton(hidden, weight, targets, seg, 4, return_row_nll=True)[2],),
+                              ref, torch.float32)
     monkeypatch.setenv("SAPO_KERNEL", "torch")
     out = segment_nll(hidden, weight, targets, seg, 4)
     assert len(out) == 2
@@ -329,63 +323,3 @@ def test_property_random_shapes(T, H, V, S, dtype, use_row_index, num_splits, ig
         torch.testing.assert_close(out[2].double(), ref[2], rtol=rtol, atol=atol)
         torch.testing.assert_close(out[0].double(), ref[0], rtol=rtol, atol=atol * max(1, R))
 
-
-HOPPER_COMPILE_SCRIPT = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real: the jit functions must not be interpreter wrappers
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import kernels.segment_nll_triton as snt
-
-def compile_(fn, sig, consts, aligned, **opts):
-    names = list(sig)
-    sig = {k: ("constexpr" if k in consts else v) for k, v in sig.items()}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-
-cfg = snt.GPU_CONFIG
-ptr = lambda t: "*" + t
-for dt in ("bf16", "fp16", "fp32"):
-    sig = dict(hidden_ptr=ptr(dt), weight_ptr=ptr(dt), bias_ptr=ptr(dt), row_index_ptr="*i64", targets_ptr="*i64",
-               mx_ptr="*fp32", se_ptr="*fp32", zt_ptr="*fp32", R="i32", V="i32", H="i32", stride_ht="i32",
-               stride_hh="i32", stride_wv="i32", stride_wh="i32", num_row_tiles="i32", blocks_per_split="i32",
-               logit_scale="fp32", softcap="fp32", ignore_index="i32", HAS_ROW_INDEX=0, HAS_BIAS=0, HAS_SOFTCAP=0,
-               UPCAST=0, DOT_PRECISION=0, BLOCK_M=0, BLOCK_N=0, BLOCK_K=0)
-    consts = dict(stride_hh=1, stride_wh=1, HAS_ROW_INDEX=True, HAS_BIAS=True, HAS_SOFTCAP=True, UPCAST=False,
-                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_K=cfg["BLOCK_K"])
-    k = compile_(snt._partials_kernel, sig, consts,
-                 ["hidden_ptr", "weight_ptr", "mx_ptr", "se_ptr", "zt_ptr", "H", "stride_ht", "stride_wv"],
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    print(dt, "wgmma" if "wgmma.mma_async" in k.asm["ptx"] else "no-wgmma", k.metadata.shared)
-sig = dict(mx_ptr="*fp32", se_ptr="*fp32", zt_ptr="*fp32", targets_ptr="*i64", order_ptr="*i64", bounds_ptr="*i64",
-           row_nll_ptr="*fp32", sum_ptr="*fp32", count_ptr="*i64", R="i32", num_splits="i32", ignore_index="i32",
-           BLOCK_R=0)
-compile_(snt._segment_reduce_kernel, sig, dict(BLOCK_R=128), [], num_warps=4)
-print("reduce ok")
-"""
-
-
-def test_triton_kernels_compile_for_hopper():
-    # No GPU here, but triton ships ptxas: compile both kernels ahead of time for sm_90 (no driver needed). This
-    # catches what the interpreter lets through (type errors in loop-carried values, constexpr misuse) and checks
-    # that the 16-bit dot lowers to Hopper tensor-core instructions (wgmma).
-    import subprocess
-    import sys
-
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip(f"no ptxas bundled with triton at {ptxas}: cannot compile for sm_90 here")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.split("\n")
-    assert lines[0].startswith("bf16 wgmma") and lines[1].startswith("fp16 wgmma"), proc.stdout
-    assert "reduce ok" in proc.stdout

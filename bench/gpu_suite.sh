@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One command for a lent CUDA machine with no hub access. Every part is a separate process under `timeout`, so a
+# part that fails or runs long is recorded and the next one still runs; results go to $SAPO_RESULTS (default
+# bench/results/), named after the device.
+#
+#     bash bench/gpu_suite.sh                  # every part
+#     bash bench/gpu_suite.sh kernel_tests kernel   # only the fused kernel's GPU tests and benchmark
+#     SAPO_RESULTS=/tmp/out PART_TIMEOUT=500 bash bench/gpu_suite.sh kernel
+#
+# Parts:
+#   kernel_tests  tests/test_kernel_cuda.py: the compiled kernels against float64 on this GPU (interpreter off)
+#   kernel    bench/bench_kernel.py in bf16 on the LM heads of SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936)
+#             and Qwen3-8B (4096 x 151936), random weights, 2k and 16k scored rows: ours (Triton) against the torch
+#             chunked path, liger-kernel's fused linear CE, cut-cross-entropy and a bare torch.mm of the same rows.
+#   scoring   (hook, for the lead) score_prompts.py throughput / selection overhead on CUDA; needs SAPO_MODEL_DIR
+#   training  (hook, for the lead) a short accelerate launch train_sapo.py run on CUDA; needs SAPO_MODEL_DIR
+#
+# Optional providers: liger-kernel and cut-cross-entropy are pure-Python wheels (torch + triton are their only
+# requirements). If they are not importable and wheels sit in .whl/ (pip download --no-deps ... -d .whl NAME), they are
+# installed into a scratch --target directory, never over this machine's torch/triton; if that fails the benchmark
+# records them as unavailable and goes on.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${SAPO_RESULTS:-bench/results}
+PART_TIMEOUT=${PART_TIMEOUT:-590}  # seconds per part (< 10 minutes)
+mkdir -p "$RESULTS"
+DEV=$($PY -c "import torch; print(torch.cuda.get_device_name(0).lower().replace('nvidia ', '').split()[0])") || {
+    echo "gpu_suite: no CUDA device visible to torch" >&2; exit 1; }
+LOG="$RESULTS/gpu_suite_${DEV}.log"
+echo "gpu_suite on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))') $(date -u +%FT%TZ)" | tee -a "$LOG"
+
+if ! $PY -c "import liger_kernel, cut_cross_entropy" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    SITE=${SAPO_SITE:-/tmp/sapo_site}
+    if $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "gpu_suite: installing .whl/*.whl failed; liger_flce / cce will be recorded as unavailable" | tee -a "$LOG"
+    fi
+fi
+
+part_kernel_tests() {
+    TRITON_INTERPRET=0 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_cuda.py
+}
+
+part_kernel() {
+    $PY bench/bench_kernel.py --heads smollm2-135m,qwen3-0.6b,qwen3-8b --rows 2048,16384 --fractions 1.0 \
+        --providers torch_chunked,liger_flce,cce,ours_triton,mm_ceiling --out "$RESULTS/kernel_${DEV}.csv" \
+        ${KERNEL_ARGS:-}
+}
+
+# ---- hooks for the lead: scoring and training on CUDA (the CLIs are stable; a model directory must be local) ------
+part_scoring() {
+    [ -n "${SAPO_MODEL_DIR:-}" ] || { echo "scoring: skipped (set SAPO_MODEL_DIR to a local model directory)"; return 0; }
+    $PY score_prompts.py --model "$SAPO_MODEL_DIR" --task sentiment --output "$RESULTS/scoring_${DEV}.json"
+}
+
+part_training() {
+    [ -n "${SAPO_MODEL_DIR:-}" ] || { echo "training: skipped (set SAPO_MODEL_DIR to a local model directory)"; return 0; }
+    accelerate launch train_sapo.py --model "$SAPO_MODEL_DIR" --output-dir "$RESULTS/train_${DEV}"
+}
+
+status=0
+for part in ${@:-kernel_tests kernel scoring training}; do
+    echo "== part $part ==" | tee -a "$LOG"
+    start=$(date +%s)
+    timeout "$PART_TIMEOUT" bash -c "$(declare -f part_$part); PY=$PY RESULTS=$RESULTS DEV=$DEV part_$part" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    echo "== part $part: exit $rc after $(( $(date +%s) - start )) s ==" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || status=1
+done
+exit $status
