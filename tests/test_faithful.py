@@ -232,3 +232,32 @@ def test_reselection_scores_on_held_out_instances_and_refuses_when_there_are_non
     short = load_task("sentiment", n_train=13)
     with pytest.raises(train_sapo.SapoError, match="--reselect-every.*--train-instances 12.*has 13, leaving 1"):
         train_sapo.reselection_instances(short, "train", config)
+
+
+def test_reselector_on_a_real_scorer_tests_the_scored_per_instance_sums():
+    from accelerate import Accelerator
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=3)
+    task = load_task("sentiment", n_train=16)
+    shortlist = [task.instruction] + list(task.paraphrases[:2])
+    held_out = task.train[8:16]
+    config = train_sapo.Config(score_token_budget=4096, max_source_length=256, max_target_length=32)
+    scored = score_prompts.score_candidates(model, tok, task, shortlist, held_out, progress=False).candidates
+    worst = max(range(3), key=lambda c: scored[c].score)
+    best = min(range(3), key=lambda c: scored[c].score)
+    reselect = train_sapo.Reselector(Accelerator(), tok, task, shortlist, [0, 5, 9], held_out, shortlist[worst],
+                                     config, lambda text: ["encoded: " + text], rescorings=1)
+    switched = reselect(model, 2) is not None
+    event = reselect.events[0]
+    assert event.scores == pytest.approx([c.score for c in scored], rel=1e-6)
+    assert (event.current, event.best) == ([0, 5, 9][worst], [0, 5, 9][best])
+    # By hand: per-token paired differences worst - best on the 8 instances, t at 1 - 0.05 / 2 (2 comparisons).
+    per_token = sum(scored[best].instance_counts) / 8
+    d = [(a - b) / per_token for a, b in zip(scored[worst].instance_sums, scored[best].instance_sums)]
+    mean = sum(d) / 8
+    sd = (sum((x - mean) ** 2 for x in d) / 7) ** 0.5
+    t_975_dof_7 = 2.364624  # statistical tables
+    assert event.lower_bound == pytest.approx(mean - t_975_dof_7 * sd / 8 ** 0.5, rel=1e-5, abs=1e-6)
+    assert switched == event.switched == (event.lower_bound > 0)
+    assert reselect.current == shortlist[best if switched else worst]
