@@ -81,7 +81,7 @@ def bootstrap_interval(statistic, sizes: list[int], resamples: int = 1000, confi
 
 _VOWEL_GROUPS = re.compile(r"[aeiouy]+")
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
-_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s+|$)")
 
 
 def syllables(word: str) -> int:
@@ -100,12 +100,12 @@ def syllables(word: str) -> int:
 def flesch_kincaid_grade(text: str) -> float:
     """Flesch-Kincaid grade level = 0.39 * words / sentences + 11.8 * syllables / words - 15.59.
 
-    Words: runs of letters (with an inner apostrophe); numbers and symbols are not words. Sentences: runs of . ! ?
-    followed by a space or the end, at least 1 (an instruction without a final period is one sentence).
+    Words: runs of letters (with an inner apostrophe); numbers and symbols are not words. Sentences: the pieces
+    between runs of . ! ? followed by a space or the end that hold a word (a last sentence without a period counts).
     Syllables: `syllables` above. NaN for a text without words.
     """
     words = _WORD.findall(text)
     if not words:
         return float("nan")
-    sentences = max(1, len(_SENTENCE_END.findall(text.strip())))
+    sentences = sum(1 for piece in _SENTENCE_END.split(text) if _WORD.search(piece))
     return 0.39 * len(words) / sentences + 11.8 * sum(syllables(w) for w in words) / len(words) - 15.59
