@@ -732,6 +732,9 @@ def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) 
     """1. The training instruction of `task`, chosen against the CURRENT state (base + every adapter so far, as
     trained): the candidate with the lowest pre-update loss on the first score_instances training instances."""
     done = read_json(task_dir / "selection.json", default=None)
+    # Every process looks before the main one may write: an unscored pick (original, fixed:K) is written at once, and
+    # a process that found it already written would skip the barrier the others wait in (a hang with 2 processes).
+    run.accelerator.wait_for_everyone()
     if done is not None:
         return TaskSelection.from_json(done)
     config, split = run.config, training_split(task, run.config)
