@@ -572,6 +572,11 @@ def pool_sizes(num_candidates: int) -> list[int]:
     return [2 ** i for i in range(num_candidates.bit_length()) if 2 ** i < num_candidates] + [num_candidates]
 
 
+def any_candidate(pairs: list[PairResult]) -> float:
+    """The pool-size curve's baseline: the cross-task performance of a candidate drawn at random (mean over all)."""
+    return nanmean(x for p in pairs for x in cross_task_performance(p))
+
+
 @dataclass
 class PoolSummary:
     k: int
@@ -637,6 +642,7 @@ def write_outputs(run_dir: Path, config: ProbeConfig, pairs: list[PairResult], c
         **{method: {p.label: {**dataclasses.asdict(c), "mean_off_diagonal": c.mean_off_diagonal()}
                     for p, c in zip(pairs, correlations[method])} for method in ("pearson", "spearman")},
         "pool_size": [dataclasses.asdict(x) for x in pool],
+        "pool_size_baseline": any_candidate(pairs),  # a candidate drawn at random
         "pairs": [{"pair": p.label, "t1": p.t1, "t2": p.t2, "unseen": p.unseen, "candidates": p.candidates,
                    "scores": p.scores, "relative_change": {t: p.relative(t) for t in [p.t2, *p.cross_tasks]},
                    "cross_task_performance": cross_task_performance(p),
@@ -711,7 +717,8 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ind
                 ax.set_xlabel(tasks[j] + (" (in-task)" if j == 0 else ""), fontsize=8)
             if j == 0:
                 ax.set_ylabel(tasks[i + 1] + (" (T1)" if i == 0 else ""), fontsize=8)
-        fig.suptitle(f"{pair.label}: relative change per candidate (red = original)", fontsize=9)
+        fig.suptitle(f"{pair.label}: relative change (score_p - score_orig) / score_orig, one point per candidate "
+                     "(red = the original)", fontsize=9)
         fig.tight_layout()
         fig.savefig(run_dir / f"scatter_{pair.t1}--{pair.t2}.png", dpi=80)
         plt.close(fig)
@@ -726,8 +733,10 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ind
         ax.scatter(list(s.spearman.values()), [y] * len(s.spearman), color="C1", s=10, zorder=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()  # the first indicator (SAPO's) on top
     ax.set_xlim(-1.05, 1.05)
-    ax.set_xlabel("Spearman correlation with post-training cross-task scores (signed: > 0 = predicts)")
+    ax.set_xlabel("Spearman r with the cross-task scores after training\n(signed: > 0 = the indicator predicts; "
+                  "blue: mean and interval, orange: pairs)", fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "indicators.png", dpi=90)
     plt.close(fig)
@@ -735,18 +744,21 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ind
     # Gradient conflict (Fig. 4): per candidate, the per-module cosines with T1's and the unseen task's gradient.
     fig, axes = plt.subplots(len(pairs), 1, figsize=(8, 3.4 * len(pairs)), squeeze=False)
     for ax, pair in zip(axes[:, 0], pairs):
-        for offset, key, color in ((-0.18, "cosine_t1", "C0"), (0.18, "cosine_unseen", "C1")):
+        unseen = pair.conflict[0].unseen_task if pair.conflict else ""
+        for offset, key, color, label in ((-0.18, "cosine_t1", "C0", f"vs T1 ({pair.t1})"),
+                                          (0.18, "cosine_unseen", "C1", f"vs unseen ({unseen})")):
             data = [[v for v in getattr(x, key) if math.isfinite(v)] for x in pair.conflict]
             spots = [k + offset for k, d in enumerate(data) if d]
             if spots:
                 parts = ax.violinplot([d for d in data if d], positions=spots, widths=0.32, showmedians=True)
                 for body in parts["bodies"]:
                     body.set_color(color)
+                parts["bodies"][0].set_label(label)
         ax.set_xticks(range(len(pair.conflict)),
                       [f"c{x.candidate}\nloss {x.pre_update_loss:.3f}" for x in pair.conflict], fontsize=8)
-        unseen = pair.conflict[0].unseen_task if pair.conflict else ""
-        ax.set_title(f"{pair.label}: cosine(grad T2 with p, grad T1) blue, (.., grad {unseen}) orange", fontsize=9)
+        ax.set_title(f"{pair.label}: per-module cosine of the gradient of T2's loss with candidate p", fontsize=9)
         ax.axhline(0, color="grey", lw=0.8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "conflict.png", dpi=90)
     plt.close(fig)
@@ -757,6 +769,8 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ind
     ax.plot(ks, [100 * x.mean for x in pool], "o-")
     ax.fill_between(ks, [100 * x.ci_low for x in pool], [100 * x.ci_high for x in pool], alpha=0.3)
     ax.set_xticks(ks, [str(x.k) for x in pool])
+    ax.axhline(100 * any_candidate(pairs), color="grey", ls="--", lw=1, label="a candidate drawn at random")
+    ax.legend(fontsize=8)
     ax.set_xlabel("pool size k (original included)")
     ax.set_ylabel("cross-task relative change of the pick (%)")
     fig.tight_layout()
@@ -774,7 +788,8 @@ def print_summary(run_dir: Path, pairs, correlations, indicators: dict[str, Indi
         print(f"{method} heatmap, mean off-diagonal: "
               + ", ".join(f"{p.label} {c.mean_off_diagonal():.3f}" for p, c in zip(pairs, correlations[method])))
     print("pool size k -> mean cross-task relative change of SAPO's pick: "
-          + ", ".join(f"{x.k}: {100 * x.mean:+.1f}%" for x in pool))
+          + ", ".join(f"{x.k}: {100 * x.mean:+.1f}%" for x in pool) + f" (a random candidate: "
+          f"{100 * any_candidate(pairs):+.1f}%)")
     print(f"results: {run_dir.resolve()}  (summary.json, *.csv, *.png, one folder per pair)")
 
 
