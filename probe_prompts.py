@@ -89,7 +89,8 @@ PRESETS = {"demo": {**{k: v for k, v in train_sapo.PRESETS["demo"].items() if k 
                     "train_instances": 24, "epochs": 1, "lr": 3e-3, "max_new_tokens": 8, "gradient_instances": 4},
            "paper": dict(model="Qwen/Qwen3-8B", output_dir="runs/probe-paper")}
 # train_sapo settings that do not apply here: the study picks the training instruction itself (every candidate).
-NOT_FLAGS = {"sequence", "select", "race_first", "race_confidence", "reselect_every", "reselect_top", "eval_prompt"}
+NOT_FLAGS = {"sequence", "select", "race_first", "race_confidence", "reselect_every", "reselect_top", "eval_prompt",
+             "report_to"}
 
 
 def parse_config(argv=None) -> tuple[ProbeConfig, bool]:
@@ -156,7 +157,7 @@ class Indicators:
                                          "first gradient_instances instances) w.r.t. T2's freshly initialised LoRA")
     zero_shot_rouge: float = indicator(+1, "greedy ROUGE-L of S1 on the first zero_shot_instances T2 training "
                                            "instances, prompted with p")
-    zero_shot_exact_match: float = indicator(+1, "exact match of those same answers")
+    zero_shot_exact_match: float = indicator(+1, "exact match of those same answers (ours: an 11th)")
     length_tokens: float = indicator(-1, "p's length in tokens (the sign: shorter predicted better)")
     readability_grade: float = indicator(-1, "Flesch-Kincaid grade of p (tasks.statistics; lower = easier to read)")
     rouge_to_original: float = indicator(+1, "ROUGE-L F1 x 100 of p against the original instruction")
