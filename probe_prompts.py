@@ -44,10 +44,11 @@ import torch
 import evaluate
 import score_prompts
 import train_sapo
-from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, encode_example, pad_batch, render_prompt
+from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, pad_batch, render_prompt
 from tasks.errors import exit_after_main
 from tasks.loaders import read_json, write_json, write_text_atomic
 from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve
+from tasks.prompts import encode_task_example
 from tasks.statistics import (bootstrap_interval, flesch_kincaid_grade, nanmean, pearson, percentile_interval,
                               relative_change, spearman)
 
@@ -256,9 +257,9 @@ def token_statistics(model, encoded, accelerator, batch_size=8) -> list[tuple[li
     return [(nll, entropy) for _, nll, entropy in gathered]
 
 
-def instruction_sequence(tokenizer, instruction: str, suffix: str):
+def instruction_sequence(tokenizer, task, instruction: str) -> Encoded:
     """The instruction's tokens after the chat template's user header, labelled for `token_statistics`."""
-    prompt = render_prompt(tokenizer, instruction, "", suffix)
+    prompt = render_prompt(tokenizer, instruction, "", task.suffix, input_label=task.input_label)
     header = tokenizer(prompt[:prompt.index(instruction)], add_special_tokens=False)["input_ids"]
     own = tokenizer(instruction, add_special_tokens=False)["input_ids"]
     return Encoded(header + own, [IGNORE_INDEX] * len(header) + own, len(header))
@@ -352,7 +353,7 @@ def pre_update_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t1,
 
     def encode(task, instruction, n):
         instances = task.split(train_sapo.training_split(task, config))[:n]
-        return [encode_example(tokenizer, instruction, x.input, task.suffix, x.label, max_length) for x in instances]
+        return [encode_task_example(tokenizer, task, instruction, x, max_length) for x in instances]
 
     scores = score_prompts.score_candidates(
         state.model, tokenizer, t2, pool, scored, accelerator, token_budget=config.score_token_budget,
@@ -362,7 +363,7 @@ def pre_update_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t1,
     for c, p in enumerate(pool):
         stats = token_statistics(state.model, encode(t2, p, config.score_instances), accelerator,
                                  config.micro_batch_size)
-        instruction_nll = token_statistics(state.model, [instruction_sequence(tokenizer, p, t2.suffix)],
+        instruction_nll = token_statistics(state.model, [instruction_sequence(tokenizer, t2, p)],
                                            accelerator)[0][0]
         zero_shot = evaluate.evaluate_task(state.model, tokenizer, t2, p, accelerator, split=split,
                                            max_instances=config.zero_shot_instances,

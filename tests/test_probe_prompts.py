@@ -13,8 +13,9 @@ import evaluate
 import probe_prompts
 import score_prompts
 import train_sapo
-from tasks import IGNORE_INDEX, encode_example
+from tasks import IGNORE_INDEX
 from tasks.loaders import load_task
+from tasks.prompts import encode_task_example
 from tasks.statistics import (average_ranks, bootstrap_interval, flesch_kincaid_grade, pearson, relative_change,
                               spearman, syllables)
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
@@ -141,7 +142,7 @@ def test_token_statistics_match_a_plain_unpadded_forward(tiny):
     from accelerate import Accelerator
 
     tok, model, task = tiny
-    encoded = [encode_example(tok, task.instruction, x.input, task.suffix, x.label, 256) for x in task.train[:5]]
+    encoded = [encode_task_example(tok, task, task.instruction, x, 256) for x in task.train[:5]]
     stats = probe_prompts.token_statistics(model, encoded, Accelerator(cpu=True), batch_size=3)  # padded batches
     for e, (nll, entropy) in zip(encoded, stats):
         with torch.no_grad():
@@ -158,7 +159,7 @@ def test_token_statistics_match_a_plain_unpadded_forward(tiny):
 
 def test_instruction_sequence_labels_exactly_the_instruction(tiny):
     tok, model, task = tiny
-    e = probe_prompts.instruction_sequence(tok, task.instruction, task.suffix)
+    e = probe_prompts.instruction_sequence(tok, task, task.instruction)
     labelled = [t for t in e.labels if t != IGNORE_INDEX]
     assert tok.decode(labelled) == task.instruction
     header = tok.decode(e.input_ids[:e.num_prompt_tokens])
@@ -170,7 +171,7 @@ def test_lora_gradients_match_autograd_on_a_plain_peft_model(tiny):
     from peft import LoraConfig, get_peft_model
 
     tok, _, task = tiny
-    encoded = [encode_example(tok, task.instruction, x.input, task.suffix, x.label, 256) for x in task.train[:5]]
+    encoded = [encode_task_example(tok, task, task.instruction, x, 256) for x in task.train[:5]]
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                       task_type="CAUSAL_LM")  # random B too, so the gradients of A are not zero
 
@@ -254,11 +255,11 @@ def test_study_end_to_end_then_resume_recomputes_nothing(model_dir, tmp_path, mo
     # peft, give its recorded scores.
     from accelerate import Accelerator
 
-    from tasks.models import load_model, load_tokenizer
+    from tasks.models import load_model, load_tokenizer, stack_adapters
 
     config = json.loads((out / "config.json").read_text())
-    state = load_model(model_dir, extra_adapters=[str(pair_dir / "1-sentiment" / "adapter"),
-                                                  str(pair_dir / "candidate-02" / "adapter")])
+    state = stack_adapters(load_model(model_dir), [str(pair_dir / "1-sentiment" / "adapter"),
+                                                   str(pair_dir / "candidate-02" / "adapter")]).get_base_model()
     recorded = json.loads((pair_dir / "candidate-02" / "scores.json").read_text())["scores"]
     for name, instruction in (("sentiment", None), ("topic", pool[2]), ("animal", None)):
         task = load_task(name, n_train=config["train_instances"])
