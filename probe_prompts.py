@@ -446,9 +446,10 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
         if len(pool) < 2:
             raise SapoError(f"task {t2.name} has {len(pool)} candidate: the study needs a pool of 2 or more")
         indicators, conflict = pre_update_indicators(run, s1(), t1, t2, unseen, pool, pair_dir)
+        # indicators.json last: it marks the step done (a kill in between recomputes both).
+        run.save(pair_dir / "conflict.json", [dataclasses.asdict(x) for x in conflict])
         run.save(pair_dir / "indicators.json", {"candidates": pool,
                                                 "indicators": [dataclasses.asdict(i) for i in indicators]})
-        run.save(pair_dir / "conflict.json", [dataclasses.asdict(x) for x in conflict])
     else:
         pool = stored["candidates"]
         indicators = [Indicators(**i) for i in stored["indicators"]]
