@@ -218,6 +218,15 @@ class PairResult:
         """Each candidate's relative change on `task` against the original instruction's run (candidate 0)."""
         return [relative_change(s[task], self.scores[0][task]) for s in self.scores]
 
+    def spread(self) -> dict[str, float]:
+        """Per task (T2 first): the standard deviation over the paraphrases (candidates 1..K-1) of their relative
+        change, the paper's first claim in one number per task (small in-task, large on the cross tasks)."""
+        out = {}
+        for task in [self.t2, *self.cross_tasks]:
+            finite = [x for x in self.relative(task)[1:] if math.isfinite(x)]
+            out[task] = float(np.std(finite)) if len(finite) > 1 else float("nan")
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Forward and backward passes of the indicators. Batches are fixed slices of the instance list, dealt round-robin to
@@ -648,7 +657,7 @@ def write_outputs(run_dir: Path, config: ProbeConfig, pairs: list[PairResult], c
         "pool_size_baseline": any_candidate(pairs),  # a candidate drawn at random
         "pairs": [{"pair": p.label, "t1": p.t1, "t2": p.t2, "unseen": p.unseen, "candidates": p.candidates,
                    "scores": p.scores, "relative_change": {t: p.relative(t) for t in [p.t2, *p.cross_tasks]},
-                   "cross_task_performance": cross_task_performance(p),
+                   "cross_task_performance": cross_task_performance(p), "relative_change_spread": p.spread(),
                    "conflict": [dataclasses.asdict(x) for x in p.conflict]} for p in pairs],
     }
     write_json(run_dir / "summary.json", clean(summary))
@@ -784,6 +793,9 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ind
 def print_summary(run_dir: Path, pairs, correlations, indicators: dict[str, IndicatorSummary],
                   pool: list[PoolSummary]):
     print()
+    for p in pairs:
+        print(f"{p.label}: spread (std over paraphrases) of the relative change: "
+              + ", ".join(f"{task}{' (in-task)' if task == p.t2 else ''} {100 * x:.1f}%" for task, x in p.spread().items()))
     print(f"{'indicator':<31} {'mean Spearman':>13}  interval")
     for name, s in sorted(indicators.items(), key=lambda kv: -kv[1].mean if math.isfinite(kv[1].mean) else 9):
         print(f"{name:<31} {s.mean:>13.3f}  [{s.low:.3f}, {s.high:.3f}]")

@@ -50,6 +50,9 @@ def test_relative_change_by_hand():
     assert all(math.isnan(x) for x in pair.relative("u"))
     # Cross-task performance: the mean over T1 and U of the defined relative changes (u is undefined here).
     assert probe_prompts.cross_task_performance(pair) == [0.0, 0.25, -0.25]
+    spread = pair.spread()  # population std over the paraphrases (candidates 1, 2)
+    assert list(spread) == ["b", "a", "u"] and spread["a"] == pytest.approx(0.25) and \
+        spread["b"] == pytest.approx(0.05) and math.isnan(spread["u"])
 
 
 def test_correlations_against_numpy_and_ties_by_hand():
