@@ -3,7 +3,7 @@ different forgetting and generalization; those cross-task effects correlate acro
 the update (first of all the pre-update loss) predict them. Paper Figures 1-4 and 15.
 
     accelerate launch probe_prompts.py                     # offline default: one pair, 8 candidates, 3 unseen tasks
-    accelerate launch probe_prompts.py --pairs "sentiment->topic,animal->compare" --unseen capitals,arithmetic,date_format
+    accelerate launch probe_prompts.py --pairs "sentiment->topic,animal->compare" --unseen capitals,arithmetic
     accelerate launch probe_prompts.py --preset paper --model Qwen/Qwen3-8B --data-dir ../shared/data/superni \
         --pairs "task195->task1310" --unseen task273,task224,task002 --candidates cands.json
     accelerate launch --num_processes 8 probe_prompts.py ...                     # several GPUs: the same numbers
@@ -11,7 +11,7 @@ the update (first of all the pre-update loss) predict them. Paper Figures 1-4 an
 
 The protocol, per training pair T1 -> T2, with a pool of K instructions for T2 (candidate 0 = the original) and a set
 U of unseen tasks:
-1. Train T1 with its original instruction: a LoRA exactly as train_sapo trains one -> state S1 (saved once, loaded after).
+1. Train T1 with its original instruction: a LoRA exactly as train_sapo trains one -> state S1 (saved, then loaded).
 2. Under S1, before any T2 update, compute every candidate's pre-update indicators (`Indicators`), and the gradient
    conflict of a few candidates (`Conflict`).
 3. For each candidate p: train T2 from S1 with p (a new LoRA; the same recipe, seed and data order for every p), then
@@ -795,7 +795,8 @@ def print_summary(run_dir: Path, pairs, correlations, indicators: dict[str, Indi
     print()
     for p in pairs:
         print(f"{p.label}: spread (std over paraphrases) of the relative change: "
-              + ", ".join(f"{task}{' (in-task)' if task == p.t2 else ''} {100 * x:.1f}%" for task, x in p.spread().items()))
+              + ", ".join(f"{task}{' (in-task)' if task == p.t2 else ''} {100 * x:.1f}%"
+                          for task, x in p.spread().items()))
     print(f"{'indicator':<31} {'mean Spearman':>13}  interval")
     for name, s in sorted(indicators.items(), key=lambda kv: -kv[1].mean if math.isfinite(kv[1].mean) else 9):
         print(f"{name:<31} {s.mean:>13.3f}  [{s.low:.3f}, {s.high:.3f}]")

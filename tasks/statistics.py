@@ -31,7 +31,7 @@ def pearson(x, y) -> float:
 
 
 def average_ranks(x) -> np.ndarray:
-    """Ranks 1..n of `x`; tied values all get the mean of the ranks they occupy ([10, 20, 20, 30] -> [1, 2.5, 2.5, 4])."""
+    """Ranks 1..n of `x`; tied values get the mean of the ranks they occupy ([10, 20, 20, 30] -> [1, 2.5, 2.5, 4])."""
     x = np.asarray(x, dtype=np.float64)
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x), dtype=np.float64)
