@@ -124,6 +124,12 @@ def test_indicator_correlations_and_matrices_on_a_hand_made_pair():
     summary = probe_prompts.summarize_indicators([pair], config)["pre_update_loss"]
     assert summary.mean == pytest.approx(expected) and summary.low <= summary.high
     assert summary.spearman == {"t1->t2": pytest.approx(expected)} and summary.sign == -1
+    # Two pairs: the mean of the pairs' values; the interval resamples pairs and candidates.
+    reversed_pair = probe_prompts.PairResult("t1", "t3", ["u1", "u2"], pair.candidates, indicators[::-1], scores, [])
+    second = probe_prompts.indicator_correlation(reversed_pair, "pre_update_loss", spearman)
+    both = probe_prompts.summarize_indicators([pair, reversed_pair], config)["pre_update_loss"]
+    assert both.mean == pytest.approx((expected + second) / 2) and both.low <= both.high
+    assert set(both.spearman) == {"t1->t2", "t1->t3"}
     matrix = probe_prompts.correlation_matrix([pair.scores_on(t) for t in pair.cross_tasks], pair.cross_tasks,
                                               pearson, config)
     assert np.allclose(matrix.matrix, np.corrcoef([pair.scores_on(t) for t in pair.cross_tasks]))
