@@ -46,6 +46,7 @@ import score_prompts
 import train_sapo
 from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, pad_batch, render_prompt
 from tasks.errors import exit_after_main
+from tasks.launch import check_launch
 from tasks.loaders import read_json, write_json, write_text_atomic
 from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve
 from tasks.prompts import encode_task_example
@@ -815,6 +816,7 @@ def print_summary(run_dir: Path, pairs, correlations, indicators: dict[str, Indi
 @cli_main
 def main(argv=None):
     config, overwrite = parse_config(argv)
+    check_launch("probe_prompts.py")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
