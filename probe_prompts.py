@@ -46,10 +46,12 @@ import score_prompts
 import train_sapo
 from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, pad_batch, render_prompt
 from tasks.errors import exit_after_main
+from tasks.flags import OneLineParser, Range, check_choices, check_ranges
 from tasks.launch import check_launch
 from tasks.loaders import read_json, write_json, write_text_atomic
-from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve
+from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve, resolve_dtype
 from tasks.prompts import encode_task_example
+from tasks.run_dir import pool_hash
 from tasks.statistics import (bootstrap_interval, flesch_kincaid_grade, nanmean, pearson, percentile_interval,
                               relative_change, spearman)
 
@@ -90,16 +92,20 @@ class ProbeConfig(train_sapo.Config):
 PRESETS = {"demo": {**{k: v for k, v in train_sapo.PRESETS["demo"].items() if k not in ("sequence", "output_dir")},
                     "train_instances": 24, "epochs": 1, "lr": 3e-3, "max_new_tokens": 8, "gradient_instances": 4},
            "paper": dict(model="Qwen/Qwen3-8B", output_dir="runs/probe-paper")}
+# Allowed values of the numeric flags: train_sapo's, and the study's own.
+RANGES = {**train_sapo.FLAG_RANGES, "zero_shot_instances": Range(1), "gradient_instances": Range(1),
+          "conflict_candidates": Range(1), "bootstrap": Range(1), "confidence": Range(0, 1, True, True),
+          "pool_subsets": Range(1)}
 # train_sapo settings that do not apply here: the study picks the training instruction itself (every candidate).
-NOT_FLAGS = {"sequence", "select", "race_first", "race_confidence", "reselect_every", "reselect_top", "eval_prompt",
-             "report_to"}
+NOT_FLAGS = {"preset", "sequence", "select", "race_first", "race_confidence", "reselect_every", "reselect_top",
+             "eval_prompt", "report_to"}
 
 
 def parse_config(argv=None) -> tuple[ProbeConfig, bool]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="demo = small sizes (the default without any flag); paper = the original recipe")
+                        help="demo = small sizes (the default with the default model and the built-in tasks); "
+                             "paper = the original recipe")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh when the output dir holds a study with other settings (moved aside)")
     source = inspect.getsource(train_sapo.Config) + inspect.getsource(ProbeConfig)
@@ -107,7 +113,8 @@ def parse_config(argv=None) -> tuple[ProbeConfig, bool]:
     fields = [f for f in dataclasses.fields(ProbeConfig) if f.name not in NOT_FLAGS]
     for f in fields:
         base_type = f.type.split("|")[0].strip()
-        help_text = (comments.get(f.name, "") + f" (default: {f.default})").strip().replace("%", "%%")
+        allowed = f"; {RANGES[f.name]}" if f.name in RANGES else ""
+        help_text = (comments.get(f.name, "") + f" (default: {f.default}{allowed})").strip().replace("%", "%%")
         kind = {"int": int, "float": float}.get(base_type, str)
         if base_type == "bool":
             parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=help_text)
@@ -115,21 +122,14 @@ def parse_config(argv=None) -> tuple[ProbeConfig, bool]:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=help_text)
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
-    preset = args.preset or ("demo" if not given else None)
-    config = ProbeConfig(**{**PRESETS.get(preset, {}), **given})
+    preset = train_sapo.choose_preset(args.preset, given)  # demo on the offline setup, as train_sapo
+    config = ProbeConfig(**{**PRESETS.get(preset, {}), **given, "preset": preset})
     names = list(dict.fromkeys([t for pair in config.pair_names() for t in pair] + config.unseen_names()))
     config.sequence = ",".join(names)  # every task of the study, loaded and checked by train_sapo.load_tasks
     config.select = "original"  # T1 trains with its original instruction; each T2 candidate is a fixed:K arm
-    checks = [(config.method in ("lora-inc", "o-lora"), f"--method {config.method} (the study trains a new LoRA "
-                                                        "for T2: lora-inc or o-lora)"),
-              (config.conflict_candidates >= 1, f"--conflict-candidates {config.conflict_candidates}"),
-              (min(config.zero_shot_instances, config.gradient_instances, config.bootstrap, config.pool_subsets) >= 1,
-               "--zero-shot-instances, --gradient-instances, --bootstrap and --pool-subsets must be >= 1"),
-              (0.0 < config.confidence < 1.0, f"--confidence {config.confidence}"),
-              (config.schedule in ("cosine", "linear", "constant"), f"--schedule {config.schedule}")]
-    for ok, what in checks:
-        if not ok:
-            raise SapoError(f"unknown or invalid value: {what}")
+    check_ranges(dataclasses.asdict(config), RANGES)
+    # The study trains a new LoRA for T2 on top of S1's: lora-inc or o-lora.
+    check_choices(dataclasses.asdict(config), {**train_sapo.CHOICES, "method": ("lora-inc", "o-lora")})
     config.pool_source().check()
     return config, args.overwrite
 
@@ -446,7 +446,9 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
     def s1() -> train_sapo.ModelState:
         nonlocal state
         if state is None:
-            state = train_sapo.ModelState(model=load_model(config.model).to(accelerator.device))
+            model = load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device))
+            train_sapo.check_lora_targets(model, config.lora_targets)
+            state = train_sapo.ModelState(model=model.to(accelerator.device))
             train_s1(run, state, t1, pair_dir)
         return state
 
@@ -821,13 +823,17 @@ def main(argv=None):
     from accelerate.utils import set_seed
 
     accelerator = Accelerator()
+    accelerator.print(train_sapo.describe_preset(config))
+    train_sapo.check_batch_split(config, accelerator.num_processes)
     set_seed(config.seed)
     names = config.sequence.split(",")
     tasks = dict(zip(names, train_sapo.load_tasks(config, accelerator)))  # bad names fail before any model loads
-    for _, t2 in config.pair_names():
-        config.pool_source().check_task(tasks[t2])
-    run_dir = train_sapo.prepare_run_dir(config, overwrite, accelerator)
     base = resolve(config.model)
+    key = train_sapo.run_key(config, list(tasks.values()), *base)
+    if not config.generate:  # the T2 pools are inputs too: another pool is another study
+        key.pools = {tasks[t2].name: pool_hash(config.pool_source().build(tasks[t2]))
+                     for _, t2 in config.pair_names()}
+    run_dir = train_sapo.prepare_run_dir(config, key, overwrite, accelerator)
     tokenizer = load_tokenizer(config.model)
     pairs = []
     for t1, t2 in config.pair_names():
