@@ -88,10 +88,11 @@ class ProbeConfig(train_sapo.Config):
 
 # demo: train_sapo's demo sizes with a quarter of its training steps per task (3 steps of 8 at 3x its learning rate)
 # and 16 test instances per task: nine trainings and 45 task evaluations in about 15 minutes on a shared 2-core CPU.
-# paper: the paper's recipe (train_sapo.Config's defaults).
-PRESETS = {"demo": {**{k: v for k, v in train_sapo.PRESETS["demo"].items() if k not in ("sequence", "output_dir")},
-                    "train_instances": 24, "epochs": 1, "lr": 3e-3, "max_new_tokens": 8, "gradient_instances": 4},
-           "paper": dict(model="Qwen/Qwen3-8B", output_dir="runs/probe-paper")}
+# paper: train_sapo's paper preset (the original recipe), with the pairs and unseen tasks given on the command line.
+PRESETS = {name: {k: v for k, v in values.items() if k not in ("sequence", "output_dir")}
+           for name, values in train_sapo.PRESETS.items()}
+PRESETS["demo"].update(train_instances=24, epochs=1, lr=3e-3, max_new_tokens=8, gradient_instances=4)
+PRESETS["paper"].update(output_dir="runs/probe-paper")
 # Allowed values of the numeric flags: train_sapo's, and the study's own.
 RANGES = {**train_sapo.FLAG_RANGES, "zero_shot_instances": Range(1), "gradient_instances": Range(1),
           "conflict_candidates": Range(1), "bootstrap": Range(1), "confidence": Range(0, 1, True, True),
