@@ -936,7 +936,8 @@ def main(argv=None):
     run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
     check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
     # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
-    state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)))
+    state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
+        accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
     check_lora_targets(state.model, config.lora_targets)
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
