@@ -84,10 +84,9 @@ def plan_micro_batches(lengths: list[int], token_budget: int, max_sequences: int
     if token_budget <= 0:
         groups = [order[i:i + max_sequences] for i in range(0, len(order), max(1, max_sequences))]
         return [_lay_out({p: lengths[p] for p in g}, layout, math.inf)[0] for g in groups]
-    longest = lengths[order[0]]
     if layout == "varlen":
-        return _lay_out({p: lengths[p] for p in order}, layout, max(token_budget, longest))
-    rows = pack_rows({p: lengths[p] for p in order}, longest) if layout == "packed" else [[p] for p in order]
+        return _lay_out({p: lengths[p] for p in order}, layout, token_budget)
+    rows = pack_rows({p: lengths[p] for p in order}, lengths[order[0]]) if layout == "packed" else [[p] for p in order]
     widths = [sum(lengths[p] for p in row) for row in rows]
     rows = [row for _, row in sorted(zip(widths, rows), key=lambda x: -x[0])]  # stable: ties keep their order
     widths.sort(reverse=True)
