@@ -137,8 +137,12 @@ def test_head_nll_matches_float64_with_scale_and_softcap():
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("layout,budget", [("packed", 0), ("packed", 300), ("packed", 100000), ("padded", 400)])
+@pytest.mark.parametrize("layout,budget", [("packed", 0), ("packed", 300), ("packed", 100000), ("padded", 400),
+                                           ("varlen", 300)])
 def test_packed_step_gives_the_padded_steps_loss_and_gradient(model, layout, budget, monkeypatch):
+    """varlen on this sdpa model: no mask is passed; transformers derives the block-diagonal mask from the restarting
+    position ids of the one row (masking_utils.find_packed_sequence_indices), and ignores the cu_seq_lens that
+    flash-attention's varlen kernel would take. Flash attention itself does not run on CPU."""
     encoded = sequences([3, 150, 9, 60, 141, 22, 5, 98, 37, 120])
     batch = [7, 2, 0, 9, 4, 1, 8, 3, 6, 5]  # positions in `encoded`, shuffled as a global batch is
     expected_loss = reference_loss(model, encoded, batch)
