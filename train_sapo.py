@@ -74,7 +74,7 @@ class Config:
     warmup_ratio: float = 0.05
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     global_batch_size: int = 64  # sequences per optimizer step, whatever the number of processes
-    micro_batch_size: int = 8  # sequences per forward on one process; accumulation fills the rest
+    micro_batch_size: int = 8  # sequences per forward when --micro-batch-tokens is 0; accumulation fills the rest
     max_grad_norm: float = 1.0
     max_source_length: int = 1536
     max_target_length: int = 128

@@ -16,6 +16,8 @@ The token ids are random (seeded): speed and memory depend on the lengths only, 
 the data nor a tokenizer, so the same profile runs on a machine without the data.
 
     python bench/bench_training.py --data-dir ../shared/data/superni          # CPU: SmolLM2-135M fp32, max 512
+    python bench/bench_training.py --sequences 16 ...    # what fits a shared 2-core CPU in 40 min (2 of today's
+                                                          # micro-batches; the 64-sequence step is ~1 h of CPU time)
     python bench/bench_training.py --qwen3-8b --profiles P --in-process \\
         --variants today,ours-ckpt --max-length 1664 --micro-batch-tokens 16384   # GPU: Qwen3-8B-shaped, bf16
 
@@ -132,7 +134,8 @@ def run_variant(peft_model, encoded, variant: str, args) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     initial = [p.detach().clone() for p in trainable]  # put back afterwards: the next variant starts from the same
     if variant == "today":
-        micro = [batch[s::8] for s in range(8) if batch[s::8]]  # train_sapo.micro_batches: 64 / 8 slots, 1 process
+        slots = -(-len(batch) // 8)  # train_sapo.micro_batches on one process: global batch / 8 slots, s::slots
+        micro = [batch[s::slots] for s in range(slots)]
         forward_tokens = sum(len(m) * max(len(encoded[i].input_ids) for i in m) for m in micro)
         steps = [lambda m=m: today_loss(peft_model, encoded, m, device) for m in micro]
         layout = "padded"
@@ -300,27 +303,28 @@ def main():
                "--max-length", str(args.max_length), "--micro-batch-tokens", str(args.micro_batch_tokens),
                "--threads", str(args.threads)] + (["--qwen3-8b"] if args.qwen3_8b else []) + \
         (["--model", args.model] if args.model else []) + (["--warmup"] if args.warmup else [])
-    jobs = [args.variants] if args.in_process else [[v] for v in args.variants]
-    tasks_of_job = [args.tasks] if args.in_process else None
+    # One task at a time, its variants side by side (each in its own process unless --in-process); the files are
+    # rewritten after each, so an interrupted run keeps what it measured.
+    jobs = [(args.tasks, args.variants)] if args.in_process else [([t], [v]) for t in args.tasks for v in args.variants]
     results = []
-    for job in jobs:
-        for tasks in tasks_of_job or [[t] for t in args.tasks]:
-            run = subprocess.run(command + ["--variants", ",".join(job), "--tasks", ",".join(tasks)],
-                                 capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-            lines = [json.loads(x[7:]) for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-            if run.returncode != 0 and not lines:
-                print(run.stderr[-3000:])
-                lines = [{"task": t, "variant": v, "failed": f"worker exit {run.returncode}", "micro_batches": 0}
-                         for t in tasks for v in job]
-            for line in lines:
-                print(json.dumps(line), flush=True)
-            results += lines
-    result = {"device": device_name(args), "model": "Qwen3-8B-shaped, random weights, bf16" if args.qwen3_8b
-              else (args.model or "SmolLM2-135M-Instruct fp32"), "sequences": args.sequences,
-              "max_length": args.max_length, "micro_batch_tokens": args.micro_batch_tokens,
-              "torch": torch.__version__, "results": compare(results, grads_dir)}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    print(write_markdown(result, out))
+    for tasks, variants in jobs:
+        run = subprocess.run(command + ["--variants", ",".join(variants), "--tasks", ",".join(tasks)],
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        lines = [json.loads(x[7:]) for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+        if run.returncode != 0 and not lines:
+            print(run.stderr[-3000:])
+            lines = [{"task": t, "variant": v, "failed": f"worker exit {run.returncode}", "micro_batches": 0}
+                     for t in tasks for v in variants]
+        for line in lines:
+            print(json.dumps(line), flush=True)
+        results += lines
+        result = {"device": device_name(args), "model": "Qwen3-8B-shaped, random weights, bf16" if args.qwen3_8b
+                  else (args.model or "SmolLM2-135M-Instruct fp32"), "sequences": args.sequences,
+                  "max_length": args.max_length, "micro_batch_tokens": args.micro_batch_tokens,
+                  "torch": torch.__version__, "results": compare(results, grads_dir)}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        text = write_markdown(result, out)
+    print(text)
 
 
 if __name__ == "__main__":
