@@ -74,7 +74,7 @@ class Config:
     warmup_ratio: float = 0.05
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     global_batch_size: int = 64  # sequences per optimizer step, whatever the number of processes
-    micro_batch_size: int = 8  # sequences per forward when --micro-batch-tokens is 0; accumulation fills the rest
+    micro_batch_size: int = 8  # sequences per forward without --micro-batch-tokens; accumulation fills the rest
     max_grad_norm: float = 1.0
     max_source_length: int = 1536
     max_target_length: int = 128
@@ -101,7 +101,7 @@ class Config:
     report_to: str | None = None  # an accelerate tracker (tensorboard, wandb) when installed
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 of the base weights (LoRA weights stay fp32; scoring sums in fp32)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory, more time)
-    micro_batch_tokens: int = 0  # fill each forward up to N tokens, padding included; 0 = --micro-batch-size sequences
+    micro_batch_tokens: int | None = None  # fill each forward up to N tokens, padding included (None: by count)
 
     def pool_source(self) -> PoolSource:
         return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
@@ -185,6 +185,8 @@ def check_lora_targets(model, lora_targets: str):
 def check_batch_split(config: Config, world: int):
     """The global batch is dealt to `world` processes in micro-batches: it must split evenly (checked as soon as the
     process count is known, before any data or model is loaded)."""
+    if config.micro_batch_tokens:  # filled to a token budget: any global batch splits (zero-weight micro-batches pad)
+        return
     per_step = config.micro_batch_size * world
     if config.global_batch_size % per_step:
         raise SapoError(f"--global-batch-size {config.global_batch_size} cannot be split into --micro-batch-size "
@@ -258,6 +260,17 @@ def global_batches(num_instances: int, global_batch_size: int, epochs: int, seed
         order = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         steps += [order[i:i + global_batch_size] for i in range(0, num_instances, global_batch_size)]
     return steps
+
+
+def micro_batches(encoded, batch: list[int], config, layout: str, rank: int, world: int):
+    """This process's share of one global batch, as (index, tasks.train_batches.MicroBatch or None) pairs.
+
+    The plan (tasks.train_batches.plan_micro_batches: rows filled up to --micro-batch-tokens, or --micro-batch-size
+    sequences each without it) depends on the lengths and the budget only, never on the process count; process r
+    takes micro-batches r, r + world, ... and every process gets as many, None standing for a zero-weight step."""
+    plan = plan_micro_batches([len(encoded[i].input_ids) for i in batch], config.micro_batch_tokens or 0,
+                              config.micro_batch_size, layout)
+    return my_micro_batches(plan, rank, world)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -416,9 +429,6 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
 
     segment_start = time.perf_counter()
 
-    if config.micro_batch_tokens < 0 or (config.micro_batch_tokens == 0 and config.micro_batch_size < 1):
-        raise SapoError(f"--micro-batch-tokens {config.micro_batch_tokens} / --micro-batch-size "
-                        f"{config.micro_batch_size}: a token budget > 0, or 0 and a sequence count >= 1")
     world, rank = accelerator.num_processes, accelerator.process_index
     net = peft_model.get_base_model()  # the transformers model, LoRA layers inside
     layout = training_layout(net)
@@ -426,11 +436,8 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     # after a process's last micro-batch (no_sync before), and the optimizer steps once per global batch.
     accelerator.gradient_accumulation_steps = 1
     steps = global_batches(len(encoded), config.global_batch_size, config.epochs, config.seed)
-    def plan(batch):  # `encoded` may change when re-selection switches the instruction
-        return plan_micro_batches([len(encoded[i].input_ids) for i in batch], config.micro_batch_tokens,
-                                  config.micro_batch_size, layout)
-
-    accumulation = max(len(my_micro_batches(plan(b), rank, world)) for b in steps)  # the record: most per step
+    # The record: the most micro-batches a process runs in one step.
+    accumulation = max(len(micro_batches(encoded, b, config, layout, rank, world)) for b in steps)
     total_steps = len(steps)
     warmup_steps = max(1, round(config.warmup_ratio * total_steps))
     steps_per_epoch = math.ceil(len(encoded) / config.global_batch_size)
@@ -480,7 +487,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         penalty_value = torch.zeros((), device=accelerator.device)
         step_penalty = olora_step_penalty(accelerator, model, name, previous, config) \
             if config.method == "o-lora" else None  # added to this process's first micro-batch only
-        mine = my_micro_batches(plan(batch), rank, world)
+        mine = micro_batches(encoded, batch, config, layout, rank, world)  # `encoded` changes if re-selection switches
         for j, (index, micro) in enumerate(mine):
             weight = 1.0 if micro else 0.0
             # A process without a micro-batch left runs one real sequence at zero weight: the same backward passes.
