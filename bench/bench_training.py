@@ -168,18 +168,18 @@ def run_variant(peft_model, encoded, variant: str, args) -> dict:
     except torch.OutOfMemoryError as e:
         optimizer.zero_grad(set_to_none=True)
         result = {"variant": variant, "oom": str(e).split("\n")[0][:200], "micro_batches": len(steps)}
-        del steps, optimizer
+        steps.clear()  # the closures hold the batches
         if cuda:
             torch.cuda.empty_cache()
         set_gradient_checkpointing(net, False)
         return result
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        for p, p0 in zip(trainable, initial):
-            p.copy_(p0)
     # On a shared CPU the wall time includes waiting for the cores; the process CPU time does not (one thread, so
     # it is the work itself). On a GPU the host's CPU time says nothing: wall time.
     timed = seconds if cuda else time.process_time() - cpu_start
+    with torch.no_grad():
+        for p, p0 in zip(trainable, initial):
+            p.copy_(p0)
     optimizer.zero_grad(set_to_none=True)
     set_gradient_checkpointing(net, False)
     real_tokens = sum(len(e.input_ids) for e in encoded)
