@@ -260,10 +260,15 @@ def write_markdown(result: dict, out: Path) -> str:
             what = "out of memory" if "oom" in r else r["failed"]
             md.append(f"| {r['task']} | {r['variant']} | | {r['micro_batches']} | | {what} | | | | | | |")
             continue
+        today = r["variant"] == "today"  # its own row: 1 and 0; a variant without a today to compare with: -
+
+        def vs(key, fmt):
+            return format(r[key], fmt) if key in r else ("1.00" if today else "-")
         md.append(f"| {r['task']} | {r['variant']} | {r['layout']} | {r['micro_batches']} | "
                   f"{r['forward_tokens'] / r['real_tokens']:.2f} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
-                  f"{r.get('speedup_vs_today', 1.0):.2f} | {r['peak_bytes'] / gb:.2f} | {r['step_peak_bytes'] / gb:.2f}"
-                  f" | {r.get('step_peak_ratio_vs_today', 1.0):.2f} | {r.get('grad_rel_diff_vs_today', 0.0):.1e} |")
+                  f"{vs('speedup_vs_today', '.2f')} | {r['peak_bytes'] / gb:.2f} | {r['step_peak_bytes'] / gb:.2f} | "
+                  f"{vs('step_peak_ratio_vs_today', '.2f')} | "
+                  f"{'0' if today else vs('grad_rel_diff_vs_today', '.1e')} |")
     text = "\n".join(md) + "\n"
     out.with_suffix(".md").write_text(text)
     return text
