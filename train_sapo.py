@@ -460,6 +460,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     start_step, earlier_seconds = 0, 0.0
     recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
+        check_checkpoint_keys(model, checkpoint)
         accelerator.load_state(str(checkpoint), strict=False)
         saved = read_json(checkpoint / "sapo_step.json")
         start_step, earlier_seconds = saved["step"], saved.get("seconds", 0.0)
@@ -536,6 +537,23 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
                                 seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
                                 reselection_seconds=reselect.seconds if reselect else 0.0)
+
+
+def check_checkpoint_keys(model, checkpoint: Path):
+    """load_state(strict=False) skips every key it does not know: a checkpoint whose weights are named otherwise (one
+    written before the training forward became tasks.train_step.SupervisedNLL, whose names start with "model.") would
+    resume at its step with untrained adapter weights. Refuse it instead."""
+    saved_file = checkpoint / "model.safetensors"
+    if not saved_file.exists():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(saved_file), framework="pt") as f:
+        saved = set(f.keys())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if trainable and not trainable & saved:
+        raise SapoError(f"{saved_file} holds none of the weights being trained (written by another version of "
+                        f"train_sapo.py?); delete {checkpoint} to train this task again from its start")
 
 
 def save_adapter(peft_model, name: str, adapter_dir: Path):

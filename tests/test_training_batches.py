@@ -209,3 +209,22 @@ def test_budget_run_is_the_same_on_one_and_two_processes(tmp_path):
     assert len(logs[0]) == 2 and logs[0] == pytest.approx(logs[1], rel=1e-5)
     records = [json.loads((tmp_path / p / "1-sentiment" / "training.json").read_text()) for p in ("p1", "p2")]
     assert records[0]["accumulation"] >= 3 and records[1]["accumulation"] >= 2  # ~100-token sequences, 300 a forward
+
+
+def test_a_checkpoint_with_other_weight_names_is_refused(tmp_path):
+    """A checkpoint of the peft model itself (names without SupervisedNLL's "model." prefix, as written before it)
+    would load nothing under strict=False and resume with untrained weights: refused in one line."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    import train_sapo
+    from tasks import SapoError
+
+    peft_model = get_peft_model(tiny_model(VOCAB, seed=7), LoraConfig(r=2, target_modules=["q_proj"]))
+    step = SupervisedNLL(peft_model, "packed")
+    trained = {n: p.detach().clone() for n, p in step.named_parameters() if p.requires_grad}
+    save_file(trained, str(tmp_path / "model.safetensors"))
+    train_sapo.check_checkpoint_keys(step, tmp_path)  # its own names: accepted
+    save_file({n.removeprefix("model."): p for n, p in trained.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(SapoError, match="holds none of the weights being trained"):
+        train_sapo.check_checkpoint_keys(step, tmp_path)
