@@ -31,7 +31,7 @@ import torch
 
 import evaluate
 import score_prompts
-from tasks import IGNORE_INDEX, SapoError, cli_main, pad_batch
+from tasks import SapoError, cli_main
 from tasks.prompts import encode_task_example
 from tasks.core import Task
 from tasks.errors import describe_os_error, exit_after_main, writing
@@ -43,6 +43,8 @@ from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_n
 from tasks.pools import PoolSource
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
 from tasks.score_cache import model_state_id
+from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
+from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ class Config:
     warmup_ratio: float = 0.05
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     global_batch_size: int = 64  # sequences per optimizer step, whatever the number of processes
-    micro_batch_size: int = 8  # sequences per forward on one process; accumulation fills the rest
+    micro_batch_size: int = 8  # sequences per forward without --micro-batch-tokens; accumulation fills the rest
     max_grad_norm: float = 1.0
     max_source_length: int = 1536
     max_target_length: int = 128
@@ -98,6 +100,8 @@ class Config:
     output_dir: str = "runs/demo"
     report_to: str | None = None  # an accelerate tracker (tensorboard, wandb) when installed
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 of the base weights (LoRA weights stay fp32; scoring sums in fp32)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory, more time)
+    micro_batch_tokens: int | None = None  # fill each forward up to N tokens, padding included (None: by count)
 
     def pool_source(self) -> PoolSource:
         return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
@@ -116,7 +120,7 @@ PRESETS = {
     # token mean over the whole step (num_items_in_batch). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
     # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
     "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
-                  olora_lambda1=4.0),
+                  olora_lambda1=4.0, gradient_checkpointing=True, micro_batch_tokens=16384),
     # Small enough to finish in minutes on a 2-core CPU with SmolLM2-135M; still the whole algorithm. Its sequence
     # (tasks/builtin.py) has tasks SmolLM2-135M learns in 12 steps: `animal` was dropped, as it ended every
     # prediction "yes" (below its zero-shot score).
@@ -181,6 +185,8 @@ def check_lora_targets(model, lora_targets: str):
 def check_batch_split(config: Config, world: int):
     """The global batch is dealt to `world` processes in micro-batches: it must split evenly (checked as soon as the
     process count is known, before any data or model is loaded)."""
+    if config.micro_batch_tokens:  # filled to a token budget: any global batch splits (zero-weight micro-batches pad)
+        return
     per_step = config.micro_batch_size * world
     if config.global_batch_size % per_step:
         raise SapoError(f"--global-batch-size {config.global_batch_size} cannot be split into --micro-batch-size "
@@ -256,15 +262,15 @@ def global_batches(num_instances: int, global_batch_size: int, epochs: int, seed
     return steps
 
 
-def micro_batches(batch: list[int], num_slots: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
-    """This process's share of one global batch, as (slot, instances) pairs.
+def micro_batches(encoded, batch: list[int], config, layout: str, rank: int, world: int):
+    """This process's share of one global batch, as (index, tasks.train_batches.MicroBatch or None) pairs.
 
-    The global batch is dealt into num_slots = global batch / micro batch slots (slot s gets every num_slots-th
-    instance), a number that does not depend on the process count; process r takes slots r, r + world, ... An empty
-    slot (short last batch) stays empty and is run as a zero-weight step so every process does the same backward passes.
-    """
-    slots = [(s, batch[s::num_slots]) for s in range(num_slots)]
-    return slots[rank::world]
+    The plan (tasks.train_batches.plan_micro_batches: rows filled up to --micro-batch-tokens, or --micro-batch-size
+    sequences each without it) depends on the lengths and the budget only, never on the process count; process r
+    takes micro-batches r, r + world, ... and every process gets as many, None standing for a zero-weight step."""
+    plan = plan_micro_batches([len(encoded[i].input_ids) for i in batch], config.micro_batch_tokens or 0,
+                              config.micro_batch_size, layout)
+    return my_micro_batches(plan, rank, world)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -412,19 +418,26 @@ class Reselector:
 
 def train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress, reselect=None):
     """Train adapter `name` of `peft_model` on the encoded instances; resumable from task_dir/checkpoint.
-    Returns the trained peft model and a Training record (its seconds add up over resumed segments)."""
+    Returns the trained peft model and a Training record (its seconds add up over resumed segments).
+
+    Each optimizer step's global batch is cut into micro-batches by tasks.train_batches (packed rows, filled up to
+    --micro-batch-tokens; a function of the batch and the budget, never of the process count) and each micro-batch's
+    summed response-token NLL comes from tasks.train_step.SupervisedNLL (the LM head on supervised rows only)."""
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
 
     segment_start = time.perf_counter()
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = config.micro_batch_size * world
-    if config.global_batch_size % per_step:
-        raise SapoError(f"--global-batch-size {config.global_batch_size} is not a multiple of --micro-batch-size "
-                        f"{config.micro_batch_size} x {world} processes")
-    accumulation = config.global_batch_size // per_step
-    accelerator.gradient_accumulation_steps = accumulation
+    net = peft_model.get_base_model()  # the transformers model, LoRA layers inside
+    layout = training_layout(net)
+    # Our own accumulation: a step's micro-batch count varies with its lengths; the gradient is synchronized once,
+    # after a process's last micro-batch (no_sync before), and the optimizer steps once per global batch.
+    accelerator.gradient_accumulation_steps = 1
     steps = global_batches(len(encoded), config.global_batch_size, config.epochs, config.seed)
+    # The record: the most micro-batches a process runs in one step.
+    accumulation = max(len(micro_batches(encoded, b, config, layout, rank, world)) for b in steps)
     total_steps = len(steps)
     warmup_steps = max(1, round(config.warmup_ratio * total_steps))
     steps_per_epoch = math.ceil(len(encoded) / config.global_batch_size)
@@ -436,13 +449,18 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     # which would make the schedule depend on the number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
-    model, optimizer = accelerator.prepare(peft_model, optimizer)
+    if config.gradient_checkpointing:
+        set_gradient_checkpointing(net, True)
+    # The whole loss computation is one module, so that DDP (which only reduces gradients of a backward that follows
+    # a forward through its wrapper) sees it.
+    model, optimizer = accelerator.prepare(SupervisedNLL(peft_model, layout), optimizer)
 
     checkpoint = task_dir / "checkpoint"
     log_path = task_dir / "train_log.jsonl"
     start_step, earlier_seconds = 0, 0.0
     recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
+        check_checkpoint_keys(model, checkpoint)
         accelerator.load_state(str(checkpoint), strict=False)
         saved = read_json(checkpoint / "sapo_step.json")
         start_step, earlier_seconds = saved["step"], saved.get("seconds", 0.0)
@@ -457,44 +475,39 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
 
     reselect_before = reselect.seconds if reselect else 0.0  # re-selection time is not training time
 
-    pad_id = 0
+    pad_id = 0  # padding sees only padding and is never a target: its id does not matter
     model.train()
     bar = tqdm(range(start_step, total_steps), desc=f"train {task_dir.name}", disable=not progress,
                initial=start_step, total=total_steps)
     for step in bar:
         batch = steps[step]
         # Token-weighted mean over the whole global batch: every micro-batch's summed NLL is divided by the number
-        # of response tokens of the global batch (all processes, all micro-steps), known before the step.
-        total_tokens = sum(sum(t != IGNORE_INDEX for t in encoded[i].labels[1:]) for i in batch)
+        # of response tokens of the global batch (all processes, all micro-batches), known before the step.
+        total_tokens = supervised_tokens(encoded, batch)
         step_nll = torch.zeros((), device=accelerator.device)
         penalty_value = torch.zeros((), device=accelerator.device)
         step_penalty = olora_step_penalty(accelerator, model, name, previous, config) \
             if config.method == "o-lora" else None  # added to this process's first micro-batch only
-        for slot, micro in micro_batches(batch, accumulation * world, rank, world):
+        mine = micro_batches(encoded, batch, config, layout, rank, world)  # `encoded` changes if re-selection switches
+        for j, (index, micro) in enumerate(mine):
             weight = 1.0 if micro else 0.0
-            micro = micro or batch[:1]  # an empty slot runs a real sequence at zero weight to keep processes in step
-            # Dropout masks seeded by (seed, step, slot): the same masks on any number of processes, and after a resume.
-            torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + slot)
-            with accelerator.accumulate(model):
-                input_ids = pad_batch([encoded[i].input_ids for i in micro], pad_id).to(accelerator.device)
-                labels = pad_batch([encoded[i].labels for i in micro], IGNORE_INDEX).to(accelerator.device)
-                attention_mask = pad_batch([[1] * len(encoded[i].input_ids) for i in micro], 0).to(accelerator.device)
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-                nll_sum = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                    ignore_index=IGNORE_INDEX, reduction="sum") * weight
-                # accelerate divides by the accumulation steps and DDP averages over processes: undo both so the
-                # gradient is exactly that of sum(NLL) / total_tokens.
-                loss = nll_sum / total_tokens * accumulation * world
+            # A process without a micro-batch left runs one real sequence at zero weight: the same backward passes.
+            rows = [[batch[p] for p in row] for row in micro.rows] if micro else [[batch[0]]]
+            # Dropout masks seeded by (seed, step, micro-batch): the same masks on any number of processes, and
+            # after a resume.
+            torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + index)
+            with nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model):
+                nll_sum = model(build_batch(encoded, rows, pad_id).to(accelerator.device)) * weight
+                # DDP averages over processes: undo it so the gradient is exactly that of sum(NLL) / total_tokens.
+                loss = nll_sum / total_tokens * world
                 if step_penalty is not None:
                     loss = loss + step_penalty[0]
                     penalty_value, step_penalty = step_penalty[1].detach(), None
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                step_nll += nll_sum.detach()
+            step_nll += nll_sum.detach()
+        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         step_loss = accelerator.reduce(step_nll, reduction="sum").item() / total_tokens
@@ -508,7 +521,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
                 f.write(json.dumps(log_line) + "\n")
         if reselect is not None and (step + 1) % config.reselect_every == 0 and step + 1 < total_steps:
             # Ours, beyond the paper: re-score against the weights being trained; its time is selection overhead.
-            encoded = reselect(accelerator.unwrap_model(model).get_base_model(), step + 1) or encoded
+            encoded = reselect(net, step + 1) or encoded
         if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             seconds = earlier_seconds + time.perf_counter() - segment_start - \
                 ((reselect.seconds - reselect_before) if reselect else 0.0)
@@ -516,13 +529,31 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
             save_checkpoint(accelerator, checkpoint, step + 1, extra)
     bar.close()
     model.eval()
+    if config.gradient_checkpointing:
+        set_gradient_checkpointing(net, False)
     accelerator.wait_for_everyone()
-    peft_model = accelerator.unwrap_model(model)
     accelerator.free_memory()  # drop accelerate's references so the next task prepares a fresh wrapper
     segment_reselect = (reselect.seconds - reselect_before) if reselect else 0.0
     return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
                                 seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
                                 reselection_seconds=reselect.seconds if reselect else 0.0)
+
+
+def check_checkpoint_keys(model, checkpoint: Path):
+    """load_state(strict=False) skips every key it does not know: a checkpoint whose weights are named otherwise (one
+    written before the training forward became tasks.train_step.SupervisedNLL, whose names start with "model.") would
+    resume at its step with untrained adapter weights. Refuse it instead."""
+    saved_file = checkpoint / "model.safetensors"
+    if not saved_file.exists():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(saved_file), framework="pt") as f:
+        saved = set(f.keys())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if trainable and not trainable & saved:
+        raise SapoError(f"{saved_file} holds none of the weights being trained (written by another version of "
+                        f"train_sapo.py?); delete {checkpoint} to train this task again from its start")
 
 
 def save_adapter(peft_model, name: str, adapter_dir: Path):
