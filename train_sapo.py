@@ -130,7 +130,8 @@ PRESETS = {
 }
 # Fields that do not change results: a rerun may change them without being refused. The run directory's own path is
 # one of them: a moved or copied run resumes.
-RESUME_FREE = {"report_to", "eval_batch_size", "score_token_budget", "checkpoint_every", "output_dir", "preset"}
+RESUME_FREE = {"report_to", "eval_batch_size", "score_token_budget", "checkpoint_every", "output_dir", "preset",
+               "gradient_checkpointing"}  # recomputes the same activations (RNG state kept): same gradients
 # Paths of the inputs: compared by what they hold (tasks.run_dir.RunKey: each task's data, each pool, the model's
 # files), not by how they are spelled, so a relative path, a moved data dir or a copied candidates file resume.
 INPUT_PATHS = {"model", "sequence", "data_dir", "candidates"}
