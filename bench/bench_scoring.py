@@ -48,6 +48,7 @@ def naive_scores(model, tokenizer, task, candidates, instances, batch_size=8, ma
                 labels = pad_batch([e.labels for e in chunk], IGNORE_INDEX)
                 mask = pad_batch([[1] * len(e.input_ids) for e in chunk], 0)
                 naive_scores.tokens_forwarded += ids.numel()
+                ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 # HF's shift: logits at p predict the token at p + 1.
                 tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -49,7 +49,7 @@ from tasks.builtin import BUILTIN_TASK_NAMES  # noqa: E402
 from tasks.candidates import candidate_pool, filter_candidates, select_index  # noqa: E402
 from tasks.racing import race_rounds  # noqa: E402
 from tasks.loaders import load_task  # noqa: E402
-from tasks.models import load_model, load_tokenizer  # noqa: E402
+from tasks.models import load_model, load_tokenizer, resolve_dtype  # noqa: E402
 
 SUPERNI_TASKS = "task195,task1310,task273,task224,task363,task163,task488,task1510,task1355,task292"
 MAX_LENGTH = 1536 + 128  # the paper's max source + max target
@@ -367,13 +367,16 @@ def main():
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a shared CPU, OpenMP threads that spin-wait for each other "
                         "slow down many times over")
+    p.add_argument("--dtype", default="auto", help="base weights: auto (bf16 on a CUDA GPU, else fp32), bf16, fp16, fp32")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "selection_cpu"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model).eval()
-    result = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": platform.processor() or
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
+    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "dtype": str(model.dtype), "cpu": platform.processor() or
               platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "model": model.config._name_or_path,
               "race": {"first": args.race_first, "growth": args.race_growth, "confidence": args.race_confidence},

@@ -12,8 +12,13 @@
 #   kernel    bench/bench_kernel.py in bf16 on the LM heads of SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936)
 #             and Qwen3-8B (4096 x 151936), random weights, 2k and 16k scored rows: ours (Triton) against the torch
 #             chunked path, liger-kernel's fused linear CE, cut-cross-entropy and a bare torch.mm of the same rows.
-#   scoring   (hook, for the lead) score_prompts.py throughput / selection overhead on CUDA; needs SAPO_MODEL_DIR
-#   training  (hook, for the lead) a short accelerate launch train_sapo.py run on CUDA; needs SAPO_MODEL_DIR
+#   scoring   bench/bench_selection.py part 1 in bf16 on CUDA: selection (naive, exhaustive, racing) against training
+#             at the paper's proportions (21 candidates x 250 scored, 10 epochs x 1000 trained; one epoch timed)
+#   training  a short `accelerate launch train_sapo.py` on CUDA (bf16, the Triton scoring path, the packed training
+#             step with checkpointing): two built-in tasks, selection, training, evaluation
+# scoring and training use $SAPO_MODEL_DIR when it names a local model directory; otherwise a random-weight model of
+# the architecture $SAPO_ARCH (smollm2-135m, qwen3-0.6b or qwen3-8b; default qwen3-0.6b) is written from its config by
+# bench/random_model.py (timings and memory are the real architecture's; its scores mean nothing).
 #
 # Optional providers: liger-kernel and cut-cross-entropy are pure-Python wheels (torch + triton are their only
 # requirements). If they are not importable and wheels sit in .whl/ (pip download --no-deps ... -d .whl NAME), they are
@@ -49,22 +54,31 @@ part_kernel() {
         ${KERNEL_ARGS:-}
 }
 
-# ---- hooks for the lead: scoring and training on CUDA (the CLIs are stable; a model directory must be local) ------
+# ---- scoring and training on CUDA, on a local model or a random-weight model of a real architecture -------------
+model_dir() {
+    if [ -n "${SAPO_MODEL_DIR:-}" ]; then echo "$SAPO_MODEL_DIR"; return; fi
+    local dir="/tmp/sapo_random_${SAPO_ARCH:-qwen3-0.6b}"
+    [ -f "$dir/config.json" ] || $PY bench/random_model.py --arch "${SAPO_ARCH:-qwen3-0.6b}" --dtype bf16 --out "$dir" >&2
+    echo "$dir"
+}
+
 part_scoring() {
-    [ -n "${SAPO_MODEL_DIR:-}" ] || { echo "scoring: skipped (set SAPO_MODEL_DIR to a local model directory)"; return 0; }
-    $PY score_prompts.py --model "$SAPO_MODEL_DIR" --task sentiment --output "$RESULTS/scoring_${DEV}.json"
+    $PY bench/bench_selection.py --model "$(model_dir)" --score-instances 250 --train-instances 1000 --candidates 21 \
+        --skip-agreement --threads 8 --out "$RESULTS/selection_${DEV}_${SAPO_ARCH:-qwen3-0.6b}"
 }
 
 part_training() {
-    [ -n "${SAPO_MODEL_DIR:-}" ] || { echo "training: skipped (set SAPO_MODEL_DIR to a local model directory)"; return 0; }
-    accelerate launch train_sapo.py --model "$SAPO_MODEL_DIR" --output-dir "$RESULTS/train_${DEV}"
+    accelerate launch --num_processes 1 train_sapo.py --model "$(model_dir)" --dtype bf16 \
+        --sequence sentiment,topic --max-candidates 8 --score-instances 64 --train-instances 256 --epochs 1 \
+        --gradient-checkpointing --micro-batch-tokens 16384 --eval-instances 32 --max-new-tokens 16 \
+        --output-dir "$RESULTS/train_${DEV}_${SAPO_ARCH:-qwen3-0.6b}"
 }
 
 status=0
 for part in ${@:-kernel_tests kernel scoring training}; do
     echo "== part $part ==" | tee -a "$LOG"
     start=$(date +%s)
-    timeout "$PART_TIMEOUT" bash -c "$(declare -f part_$part); PY=$PY RESULTS=$RESULTS DEV=$DEV part_$part" 2>&1 | tee -a "$LOG"
+    timeout "$PART_TIMEOUT" bash -c "$(declare -f model_dir part_$part); PY=$PY RESULTS=$RESULTS DEV=$DEV part_$part" 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     echo "== part $part: exit $rc after $(( $(date +%s) - start )) s ==" | tee -a "$LOG"
     [ "$rc" -eq 0 ] || status=1
