@@ -12,9 +12,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.errors import SapoError
 from tasks.loaders import read_json
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a model is loaded
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the name that means "the offline default"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,10 +5,8 @@ import contextlib
 import dataclasses
 import errno
 import json
-import os
 import resource
 import signal
-import shutil
 import subprocess
 import sys
 import time
