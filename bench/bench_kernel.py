@@ -18,7 +18,8 @@ Providers, all on the same tensors:
   liger_flce     liger-kernel LigerFusedLinearCrossEntropyLoss(reduction='none') on the R gathered rows
   cce            cut-cross-entropy linear_cross_entropy(reduction='none') on the R gathered rows
   ours_triton    kernels.segment_nll_triton.segment_nll_triton with row_index (the gather happens in the kernel)
-  ours_triton[k=v;...]  the same with a config override (--ours-configs), for tuning on a GPU
+  ours_triton[k=v;...]  the same with a config override (--ours-configs), for tuning on a GPU; ours_triton[NAME]
+                 with a named two-CTA candidate of kernels.segment_nll_triton.SM90_TWO_CTA_CONFIGS
   mm_ceiling     bare torch.mm of the R gathered rows (no softmax at all): the practical ceiling
 liger_flce, cce and mm_ceiling get the scored rows gathered once outside the timed region (hidden[row_index], the
 same rows ours scores), so kernel is compared against kernel; they then reduce per segment with index_add_. Only
@@ -213,7 +214,12 @@ def run_mm_ceiling(b):
 
 
 def parse_config(text):
-    """'BLOCK_N=256;num_stages=4' -> {'BLOCK_N': 256, 'num_stages': 4}"""
+    """'BLOCK_N=256;num_stages=4' -> {'BLOCK_N': 256, 'num_stages': 4}; a name of
+    kernels.segment_nll_triton.SM90_TWO_CTA_CONFIGS (e.g. 'one_warpgroup') -> that config."""
+    from kernels.segment_nll_triton import SM90_TWO_CTA_CONFIGS
+
+    if text.strip() in SM90_TWO_CTA_CONFIGS:
+        return dict(SM90_TWO_CTA_CONFIGS[text.strip()])
     return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(";") if kv.strip())}
 
 
@@ -278,7 +284,7 @@ def main():
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="response fractions")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 GPU, fp32 CPU")
     ap.add_argument("--ours-configs", default="", help="extra ours_triton configs, '|'-separated, each "
-                    "'k=v;k=v' (e.g. 'BLOCK_N=256;num_stages=4|maxnreg=168')")
+                    "'k=v;k=v' or a name of SM90_TWO_CTA_CONFIGS (e.g. 'BLOCK_N=256;num_stages=4|one_warpgroup')")
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -12,6 +12,8 @@
 #   kernel    bench/bench_kernel.py in bf16 on the LM heads of SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936)
 #             and Qwen3-8B (4096 x 151936), random weights, 2k and 16k scored rows: ours (Triton) against the torch
 #             chunked path, liger-kernel's fused linear CE, cut-cross-entropy and a bare torch.mm of the same rows.
+#   tune      the sm_90 default config against the two-CTA-per-SM candidates (SM90_TWO_CTA_CONFIGS), side by side
+#             in one process, with the bare torch.mm as the ceiling: Qwen3-8B and Qwen3-0.6B heads, 2k and 16k rows
 #   scoring   bench/bench_selection.py part 1 in bf16 on CUDA: selection (naive, exhaustive, racing) against training
 #             at the paper's proportions (21 candidates x 250 scored, 10 epochs x 1000 trained; one epoch timed)
 #   training  a short `accelerate launch train_sapo.py` on CUDA (bf16, the Triton scoring path, the packed training
@@ -54,6 +56,12 @@ part_kernel() {
         ${KERNEL_ARGS:-}
 }
 
+part_tune() {
+    $PY bench/bench_kernel.py --heads qwen3-0.6b,qwen3-8b --rows 2048,16384 --fractions 1.0 \
+        --providers ours_triton,mm_ceiling --ours-configs "two_warpgroups_128regs|one_warpgroup" \
+        --out "$RESULTS/kernel_tune_${DEV}.csv"
+}
+
 # ---- scoring and training on CUDA, on a local model or a random-weight model of a real architecture -------------
 model_dir() {
     if [ -n "${SAPO_MODEL_DIR:-}" ]; then echo "$SAPO_MODEL_DIR"; return; fi
@@ -75,7 +83,7 @@ part_training() {
 }
 
 status=0
-for part in ${@:-kernel_tests kernel scoring training}; do
+for part in ${@:-kernel_tests kernel tune scoring training}; do
     echo "== part $part ==" | tee -a "$LOG"
     start=$(date +%s)
     timeout "$PART_TIMEOUT" bash -c "$(declare -f model_dir part_$part); PY=$PY RESULTS=$RESULTS DEV=$DEV part_$part" 2>&1 | tee -a "$LOG"

@@ -54,12 +54,12 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 # Per-architecture tile configs (major compute capability -> config), bf16/fp16. CTAS_PER_SM is the residency the
 # config reaches (registers, shared memory and threads; tests/test_kernel_compile.py checks it on the compiled
 # binary); the launch plan counts wave slots with it.
-# - sm_90 (measured on an H100, bench/results/kernel_tune_h100.csv): a 128x256 logits tile, K-step 64, 8 warps (two
+# - sm_90 (measured on an H100, bench/results/kernel_tune_h100*.csv): a 128x256 logits tile, K-step 64, 8 warps (two
 #   warpgroups, wgmma), 3 stages = 144 KiB of shared memory, one CTA per SM, GROUP_M=16 row tiles (16 MiB of hidden
-#   rows at H=4096) sharing L2. At Qwen3-8B's head and 16k rows it ran 32 ms against 42 ms for 128x128 tiles capped
-#   at 128 registers (SM90_TWO_CTAS: two CTAs per SM, no spills, but a quarter slower). FLATTEN: the vocabulary and
-#   K loops are software-pipelined as one loop, so the next block's first tiles load during this block's epilogue
-#   (3-6% faster at every head measured, bench/results/kernel_tune_h100_flatten.csv).
+#   rows at H=4096) sharing L2. At Qwen3-8B's head and 16k rows it ran 30-32 ms against 43 ms for a two-CTA 128x128
+#   config (see SM90_TWO_CTA_CONFIGS). FLATTEN: the vocabulary and K loops are software-pipelined as one loop, so the
+#   next block's first tiles load during this block's epilogue (3-6% faster at every head measured,
+#   bench/results/kernel_tune_h100_flatten.csv).
 # - sm_80 (not measured; compiled only): mma.sync keeps the accumulator and operand fragments in registers, so a
 #   128x128 tile with K-step 32 and 3 stages (48 KiB), one CTA per SM, no spills.
 GPU_CONFIGS = {
@@ -67,7 +67,19 @@ GPU_CONFIGS = {
     8: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
 }
 CTAS_PER_SM = {9: 1, 8: 1}
-SM90_TWO_CTAS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, maxnreg=128)
+# Two CTAs per SM on sm_90 (ours, for tuning; `bench/gpu_suite.sh tune` times them against the default): while one
+# CTA runs its softmax epilogue the other's wgmma keeps the tensor cores busy. Pass one as `config=`; its CTAS_PER_SM
+# sizes the vocabulary split (wave slots = SMs x 2). Residency, spills and tensor cores: tests/test_kernel_compile.py.
+# - two_warpgroups_128regs: two warpgroups per CTA capped at 128 registers. H100, Qwen3-8B head, 16k rows, TMA loads:
+#   43.0 ms against 30.2 ms for the default in the same run (kernel_tune_h100_run3.csv), so not the default.
+# - one_warpgroup: one warpgroup per CTA (230 registers x 128 threads), FLATTEN, 96 KiB of shared memory: two CTAs
+#   ping-pong on the SM's tensor cores without a register cap. Compiled only; not yet timed on a GPU.
+SM90_TWO_CTA_CONFIGS = {
+    "two_warpgroups_128regs": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                                   maxnreg=128, CTAS_PER_SM=2),
+    "one_warpgroup": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, num_warps=4, num_stages=3, FLATTEN=True,
+                          CTAS_PER_SM=2),
+}
 GPU_CONFIG = GPU_CONFIGS[9]  # the default (H100); read by ../tools/triton_aot_check.py
 # In the interpreter the tiles are small so that tiny test shapes span several row tiles, groups, vocabulary blocks
 # and K steps; ~4 resident "CTAs" on 2 "SMs" make the split choice non-trivial there too.
@@ -281,13 +293,14 @@ def choose_num_splits(num_row_tiles, num_vblocks, slots, group_m):
     return best
 
 
-def _default_num_splits(num_row_tiles, num_vblocks, device):
-    """Splits for the default config of `device` (interpreter: INTERPRET_SLOTS pretend slots)."""
+def _default_num_splits(num_row_tiles, num_vblocks, device, group_m=None, ctas_per_sm=None):
+    """Splits for `device` with GROUP_M `group_m` and `ctas_per_sm` resident CTAs (defaults: the device's default
+    config; in the interpreter, INTERPRET_SLOTS pretend slots)."""
     if device.type != "cuda":
-        return choose_num_splits(num_row_tiles, num_vblocks, INTERPRET_SLOTS, INTERPRET_CONFIG["GROUP_M"])
+        return choose_num_splits(num_row_tiles, num_vblocks, INTERPRET_SLOTS, group_m or INTERPRET_CONFIG["GROUP_M"])
     arch = _arch(device)
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * CTAS_PER_SM[arch]
-    return choose_num_splits(num_row_tiles, num_vblocks, slots, GPU_CONFIGS[arch]["GROUP_M"])
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * (ctas_per_sm or CTAS_PER_SM[arch])
+    return choose_num_splits(num_row_tiles, num_vblocks, slots, group_m or GPU_CONFIGS[arch]["GROUP_M"])
 
 
 def plan_launch(R, V, BLOCK_M, BLOCK_N, num_splits):
@@ -308,8 +321,8 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
     """-> (sum_nll fp32 [S], count int64 [S]); same contract as kernels.segment_nll_torch.segment_nll_torch.
 
     `row_nll_out` (fp32 [R], optional) receives the per-row NLL (0 on ignored rows). `num_splits` and `config`
-    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, num_warps, num_stages, maxnreg, USE_TMA) override the defaults, for
-    tests and tuning. USE_TMA defaults to on for 16-bit inputs on sm_90+ when the head is TMA-compatible (row-major).
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, num_warps, num_stages, maxnreg, USE_TMA, CTAS_PER_SM) override the
+    defaults, for tests and tuning. USE_TMA defaults to on for 16-bit inputs on sm_90+ when the head is TMA-compatible (row-major).
     """
     R = check_inputs(hidden, weight, targets, segment_ids, num_segments, row_index, bias, row_nll_out)
     device = hidden.device
@@ -323,6 +336,7 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
     cfg = _config_for(device)
     cfg.update(config or {})
     BLOCK_M, BLOCK_N, BLOCK_K = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    ctas_per_sm = cfg.pop("CTAS_PER_SM", None)  # the config's residency: sizes the split, is not a kernel argument
 
     sum_nll = torch.zeros(num_segments, dtype=torch.float32, device=device)
     count = torch.zeros(num_segments, dtype=torch.int64, device=device)
@@ -360,7 +374,8 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
             use_tma = False
 
     if num_splits is None:
-        num_splits = _default_num_splits(triton.cdiv(R, BLOCK_M), triton.cdiv(V, BLOCK_N), device)
+        num_splits = _default_num_splits(triton.cdiv(R, BLOCK_M), triton.cdiv(V, BLOCK_N), device, cfg["GROUP_M"],
+                                         ctas_per_sm)
     num_row_tiles, blocks_per_split, num_splits = plan_launch(R, V, BLOCK_M, BLOCK_N, num_splits)
 
     mx = torch.empty((num_splits, R), dtype=torch.float32, device=device)

@@ -54,3 +54,16 @@ def test_failing_provider_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatc
         assert abs(float(r["tflops_performed"]) - expected) <= 1e-9 * expected
         if r["provider"] != "mm_ceiling":
             assert float(r["max_abs_err"]) < 1e-4 and r["top1_agree"] == "1"  # fp32 on CPU against float64
+
+
+def test_ours_configs_by_value_or_by_name():
+    from kernels.segment_nll_triton import SM90_TWO_CTA_CONFIGS
+
+    bench = load_bench()
+    assert bench.parse_config("BLOCK_N=256; num_stages=4") == {"BLOCK_N": 256, "num_stages": 4}
+    for name, cfg in SM90_TWO_CTA_CONFIGS.items():
+        got = bench.parse_config(f" {name} ")
+        assert got == cfg
+    # on a GPU each named candidate is its own provider next to the default (built here, never launched)
+    provs = bench.providers(torch.device("cuda"), ["one_warpgroup", "BLOCK_N=128"])
+    assert {"ours_triton", "ours_triton[one_warpgroup]", "ours_triton[BLOCK_N=128]"} <= set(provs)

@@ -8,7 +8,8 @@ constexpr misuse, shared memory over the limit) and checks the figures the launc
 - registers, threads and shared memory allow the CTAS_PER_SM the plan counts wave slots with.
 
 Cases: sm_80 / sm_90 (with TMA descriptor loads, as launched there, and without) x bf16 / fp16 x the LM heads of
-SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936) and Qwen3-8B (4096 x 151936). H, V and R are runtime
+SmolLM2-135M (576 x 49152), Qwen3-0.6B (1024 x 151936) and Qwen3-8B (4096 x 151936); and the sm_90 two-CTA candidates
+(SM90_TWO_CTA_CONFIGS) in bf16 / fp16, which must reach the two CTAs per SM they declare. H, V and R are runtime
 arguments: a head changes the binary only through Triton's specialisation (divisibility of ints by 16) and EVEN_K, so
 the heads share binaries and each distinct one is compiled once (the compile cache below is keyed by everything that
 reaches triton.compile).
@@ -113,8 +114,13 @@ for cc in TARGETS:
                 res = partials(cc, dt, H, V, 16384, snt.GPU_CONFIGS[cc // 10], tma)
                 out.append(dict(kernel="partials", config="default", tma=tma, cc=cc, dtype=dt, head=head, **res))
     out.append(dict(kernel="reduce", config="default", cc=cc, dtype="fp32", head="-", **reduce_(cc, 16384, 9)))
-res = partials(90, "bf16", 4096, 151936, 16384, snt.SM90_TWO_CTAS, False)
-out.append(dict(kernel="partials", config="SM90_TWO_CTAS", tma=False, cc=90, dtype="bf16", head="qwen3-8b", **res))
+for name, cfg in snt.SM90_TWO_CTA_CONFIGS.items():  # the two-CTA candidates, loads as the launcher would pick
+    cfg = dict(cfg)
+    want, tma = cfg.pop("CTAS_PER_SM"), cfg.pop("USE_TMA", True)
+    for dt in DTYPES:
+        res = partials(90, dt, 4096, 151936, 16384, cfg, tma)
+        out.append(dict(kernel="partials", config=name, want_ctas=want, tma=tma, cc=90, dtype=dt, head="qwen3-8b",
+                        **res))
 print("RESULT " + json.dumps(out))
 print("distinct binaries:", len(cache), file=sys.stderr)
 """
@@ -149,6 +155,10 @@ def test_every_case_compiled(compiled):
     assert cases == {(cc, dt, head, tma) for cc in TARGETS for dt in DTYPES for head in HEADS
                      for tma in ((True, False) if cc >= 90 else (False,))}
     assert {r["cc"] for r in compiled if r["kernel"] == "reduce"} == set(TARGETS)
+    from kernels import segment_nll_triton as snt
+
+    assert {(r["config"], r["dtype"]) for r in compiled if r["config"] != "default"} == {
+        (name, dt) for name in snt.SM90_TWO_CTA_CONFIGS for dt in DTYPES}
 
 
 @pytest.mark.parametrize("cc", TARGETS)
@@ -163,7 +173,7 @@ def test_partials_uses_tensor_cores_without_spills(compiled, cc):
             assert (r["tma_loads"] > 0) == r["tma"], f"{case}: {r['tma_loads']} TMA loads in the PTX"
         else:
             assert r["mma"] > 0, f"{case}: no mma.sync in the PTX"
-        want = snt.CTAS_PER_SM[cc // 10] if r["config"] == "default" else 2
+        want = snt.CTAS_PER_SM[cc // 10] if r["config"] == "default" else r["want_ctas"]
         got = ctas_per_sm(r["regs"], r["warps"], r["smem"], cc)
         assert got >= want, f"{case}: {got} resident CTAs per SM, the launch plan counts {want}"
 

@@ -4,7 +4,8 @@ same code through the interpreter). Run on a CUDA machine with the interpreter o
     TRITON_INTERPRET=0 python -m pytest -q tests/test_kernel_cuda.py
 
 Ragged shapes, every dtype, both load paths (TMA descriptors on sm_90+, pointers otherwise or when the head's layout
-rules TMA out), softcap / scale / bias, row_index, a fixed split count and the launch plan's own.
+rules TMA out), softcap / scale / bias, row_index, a fixed split count and the launch plan's own, and the sm_90
+two-CTA tuning candidates (SM90_TWO_CTA_CONFIGS).
 """
 
 import os
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["plain", "row_index", "softcap_bias", "head_transposed", "h_unaligned", "no_tma",
-                                  "splits_7"])
+                                  "splits_7", "two_warpgroups_128regs", "one_warpgroup"])
 def test_cuda_kernel_against_float64(dtype, case):
     from kernels import segment_nll_triton as snt
 
@@ -37,7 +38,7 @@ def test_cuda_kernel_against_float64(dtype, case):
     seg = torch.randint(0, S, (R,), device="cuda", generator=g)
     bias = torch.randn(V, device="cuda", generator=g).to(dtype) if case == "softcap_bias" else None
     kw = dict(logit_scale=0.8, softcap=15.0) if case == "softcap_bias" else {}
-    config = dict(USE_TMA=False) if case == "no_tma" else None
+    config = dict(USE_TMA=False) if case == "no_tma" else snt.SM90_TWO_CTA_CONFIGS.get(case)
     row_nll = torch.full((R,), float("nan"), device="cuda")
     sum_nll, count = snt.segment_nll_triton(hidden, weight, targets, seg, S, row_index=row_index, bias=bias,
                                             row_nll_out=row_nll, config=config,

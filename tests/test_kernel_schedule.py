@@ -103,3 +103,29 @@ def test_tma_descriptor_path(dtype, use_row_index, monkeypatch):
     out_t = run(hidden, weight_t, targets, seg, S, num_splits=2, config=dict(BASE, GROUP_M=2, USE_TMA=True), **kw)
     torch.testing.assert_close(out_t[2], out[2], rtol=1e-5, atol=1e-5)
     assert len(made) == 2
+
+
+@pytest.mark.parametrize("name", sorted(snt.SM90_TWO_CTA_CONFIGS))
+def test_two_cta_candidates_as_launched(name, monkeypatch):
+    # The sm_90 tuning candidates with their real tiles (128x128, K-step 64), TMA loads and FLATTEN as configured:
+    # 3 row tiles (a ragged last one), 3 vocabulary blocks (a partial last one) in 2 splits, H = 2 K-steps + a tail.
+    T, H, V, S = 300, 136, 300, 5
+    hidden, weight, targets, seg = make_batch(T, H, V, S, torch.float32, seed=5)
+    cfg = dict(snt.SM90_TWO_CTA_CONFIGS[name], USE_TMA=True)
+    out = run(hidden, weight, targets, seg, S, num_splits=2, config=cfg)
+    assert_close_to_reference(out, reference(hidden, weight, targets, seg, S), torch.float32)
+    # the launcher hands the config's GROUP_M and residency to the split choice (on a GPU: slots = SMs x CTAS_PER_SM)
+    seen = []
+    real = snt._default_num_splits
+    monkeypatch.setattr(snt, "_default_num_splits", lambda *a: seen.append(a[3:]) or real(*a))
+    again = run(hidden, weight, targets, seg, S, config=cfg)
+    assert_close_to_reference(again, reference(hidden, weight, targets, seg, S), torch.float32)
+    assert seen == [(cfg["GROUP_M"], cfg["CTAS_PER_SM"])]
+
+    class Props:
+        major, multi_processor_count = 9, 132
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: Props)
+    tiles, vblocks = 128, math.ceil(151936 / 128)  # 16k rows of Qwen3-8B's head
+    got = real(tiles, vblocks, torch.device("cuda"), cfg["GROUP_M"], cfg["CTAS_PER_SM"])
+    assert got == snt.choose_num_splits(tiles, vblocks, 132 * cfg["CTAS_PER_SM"], cfg["GROUP_M"])
+    assert wave_efficiency(tiles, got, vblocks, 132 * cfg["CTAS_PER_SM"]) >= snt.MIN_WAVE_EFFICIENCY
