@@ -3,7 +3,9 @@
 Selection scoring and generation read every weight on every process (each process holds the full model, as under
 DDP). FSDP and DeepSpeed ZeRO-3 shard the parameters, so those passes would see only a shard: such a launch is
 refused in one line instead of failing deep inside a forward. (Seen here: accelerate 1.15 does not construct an FSDP
-Accelerator without a GPU, "There are currently no available devices found", so FSDP cannot be exercised on CPU.)
+Accelerator without a GPU, "There are currently no available devices found"; with ACCELERATE_USE_CPU=1 and
+`--use_fsdp` it quietly builds a DDP one (MULTI_CPU), even when handed an FSDP plugin. So FSDP cannot be exercised on
+CPU; the refusal is, through a real 2-process `accelerate launch --use_fsdp`.)
 An 8B model in bf16 with LoRA fits one 80 GB GPU per process: launch with DDP (`--multi_gpu`).
 """
 from __future__ import annotations
