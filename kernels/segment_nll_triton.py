@@ -322,7 +322,8 @@ def segment_nll_triton(hidden, weight, targets, segment_ids, num_segments, *, ro
 
     `row_nll_out` (fp32 [R], optional) receives the per-row NLL (0 on ignored rows). `num_splits` and `config`
     (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, num_warps, num_stages, maxnreg, USE_TMA, CTAS_PER_SM) override the
-    defaults, for tests and tuning. USE_TMA defaults to on for 16-bit inputs on sm_90+ when the head is TMA-compatible (row-major).
+    defaults, for tests and tuning. USE_TMA defaults to on for 16-bit inputs on sm_90+ when the head is
+    TMA-compatible (row-major).
     """
     R = check_inputs(hidden, weight, targets, segment_ids, num_segments, row_index, bias, row_nll_out)
     device = hidden.device
