@@ -111,7 +111,7 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
     from tasks.generation import cut_at_stop, default_token_budget, greedy_decode, hf_generate, plan_batches
 
     net = accelerator.unwrap_model(model) if model is not None else None
-    stops = stop_token_ids(tokenizer, net)
+    stops = list(engine.stop_ids) if engine is not None and engine.stop_ids else stop_token_ids(tokenizer, net)
     if not stops:
         raise SapoError("the tokenizer has no EOS token and its chat template no end-of-turn token: cannot stop")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -629,9 +629,20 @@ def served_engine(args, tokenizer, accelerator):
 
     if accelerator.num_processes > 1:
         raise SapoError("--engine openai runs in one process (the server batches): run it without accelerate launch")
-    stops = stop_token_ids(tokenizer)
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from tasks.models import resolve
+
+    try:  # the model's generation EOS ids, as in-process (no weights loaded)
+        generation_config = GenerationConfig.from_pretrained(resolve(args.model)[0])
+    except (OSError, ValueError):
+        generation_config = None
+    stops = stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation_config))
     strings = tuple(dict.fromkeys(t for t in (tokenizer.decode([i]) for i in stops) if t.strip()))
-    engine = ServedEngine(args.api_base, args.served_model, stop_strings=strings, timeout_s=args.api_timeout)
+    engine = ServedEngine(args.api_base, args.served_model, stop_strings=strings, timeout_s=args.api_timeout,
+                          stop_ids=tuple(stops))
     engine.check(tokenizer("Hello", add_special_tokens=False)["input_ids"] or stops[:1], stops)
     return engine
 

@@ -36,6 +36,14 @@ class ServedEngine:
     model: str  # the served model (or LoRA adapter) name
     stop_strings: tuple[str, ...] = ()
     timeout_s: float = 600.0
+    stop_ids: tuple[int, ...] = ()  # the in-process stop tokens (evaluate.stop_token_ids with the generation config)
+
+    def __post_init__(self):
+        from urllib.parse import urlparse
+
+        parts = urlparse(self.api_base)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SapoError(f"--api-base {self.api_base!r} is not a usable URL: expected http(s)://HOST:PORT/v1")
 
     @property
     def url(self) -> str:
