@@ -97,10 +97,11 @@ class DecodeStats:
 
 
 def greedy_decode(net, prompts: list[list[int]], pad_id: int, stops: list[int], max_new_tokens: int,
-                  stats: DecodeStats | None = None) -> list[list[int]]:
+                  stats: DecodeStats | None = None, answer_lengths: list[int] | None = None) -> list[list[int]]:
     """Greedy tokens generated for each prompt (stop token included when one came), finished sequences dropped from
     the batch as they finish. The same tokens as HF generate(do_sample=False) on the same batch, up to the float
-    differences a smaller batch may bring."""
+    differences a smaller batch may bring. answer_lengths (benchmarks: random weights never stop): sequence i also
+    finishes after answer_lengths[i] tokens."""
     import torch
     from transformers import DynamicCache
 
@@ -124,6 +125,8 @@ def greedy_decode(net, prompts: list[list[int]], pad_id: int, stops: list[int], 
         if step == max_new_tokens - 1:
             break
         keep = ~torch.isin(next_tokens, stop_ids)
+        if answer_lengths is not None:
+            keep &= torch.tensor([len(generated[row]) < answer_lengths[row] for row in alive.tolist()], device=device)
         if not bool(keep.all()):
             if not bool(keep.any()):
                 break
@@ -139,18 +142,31 @@ def greedy_decode(net, prompts: list[list[int]], pad_id: int, stops: list[int], 
 
 
 def hf_generate(net, prompts: list[list[int]], pad_id: int, stops: list[int], max_new_tokens: int, *,
-                static: bool = False, compile: bool = False, stats: DecodeStats | None = None) -> list[list[int]]:
+                static: bool = False, compile: bool = False, stats: DecodeStats | None = None,
+                answer_lengths: list[int] | None = None) -> list[list[int]]:
     """HF generate (greedy) on one batch: every row runs until the batch's last sequence stops. static: the static
     KV cache (prompts left-padded to a multiple of STATIC_PAD_MULTIPLE so batches share shapes), with
-    torch.compile of the decode step when `compile` (HF compiles it on CUDA only)."""
-    from transformers import GenerationConfig
+    torch.compile of the decode step when `compile` (HF compiles it on CUDA only). answer_lengths: as in
+    greedy_decode (a row is done after that many tokens)."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     device = next(net.parameters()).device
     input_ids, attention_mask = _left_padded(prompts, pad_id, device, STATIC_PAD_MULTIPLE if static else 1)
     extra = {"cache_implementation": "static", "disable_compile": not compile} if static else {}
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
                               pad_token_id=pad_id, use_cache=True, **extra)
-    out = net.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    criteria = None
+    if answer_lengths is not None:
+        width, lengths = input_ids.shape[1], torch.tensor(answer_lengths, device=device)
+
+        class AnswerLength(StoppingCriteria):
+            def __call__(self, ids, scores, **kwargs):
+                return torch.full_like(lengths, ids.shape[1] - width) >= lengths
+
+        criteria = StoppingCriteriaList([AnswerLength()])
+    out = net.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                       stopping_criteria=criteria)
     rows = out[:, input_ids.shape[1]:].tolist()
     if stats is not None:
         stats.steps += len(rows[0]) if rows else 0
