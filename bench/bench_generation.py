@@ -12,8 +12,8 @@ sequence is stopped after its reference's token count plus the end-of-turn ("rea
     python bench/bench_generation.py --arch smollm2-135m --instances 8 --out bench/results/generation_cpu
     python bench/bench_generation.py --arch qwen3-8b --dtype bf16 --instances 650 --out bench/results/generation_h100
 
-Part "step" times one decode step alone (prompt of 256 tokens, then --step-tokens steps) for the k adapters unmerged
-against folded, at several batch sizes. Results: OUT.json and OUT.md, with the device's name.
+Part "step" times one decode step alone (after a --step-prompt-token prompt; --step-rounds rounds of --step-tokens
+steps, unmerged and folded interleaved) for the k adapters unmerged against folded, at several batch sizes. Results: OUT.json and OUT.md, with the device's name.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ class PathResult:
     path: str  # today | folded | budget_nodrop | budget | static
     k: int  # adapters in the stack
     lengths: str  # real | 128
-    seconds: float
+    seconds: float  # wall
+    cpu_seconds: float  # this process's CPU time (on a shared CPU: the work itself, without waiting for the cores)
     batches: int
     decode_steps: int  # forward passes after the prefill, summed over batches
     sequence_steps: int  # rows computed, summed over decode steps (padding rows of finished sequences included)
@@ -55,8 +56,10 @@ class PathResult:
 class StepResult:
     k: int
     batch: int
-    unmerged_ms: float
+    unmerged_ms: float  # wall
     folded_ms: float
+    unmerged_cpu_ms: float  # this process's CPU time per step
+    folded_cpu_ms: float
 
 
 def device_name(device) -> str:
@@ -156,7 +159,7 @@ def run_path(path, net, prompts, answer_lengths, max_new, pad_id, token_budget, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad(), folded_adapter(net) if path != "today" else contextlib.nullcontext():
         for batch in plan.batches:
             batch_prompts, lengths = [prompts[i] for i in batch], [answer_lengths[i] for i in batch]
@@ -169,31 +172,49 @@ def run_path(path, net, prompts, answer_lengths, max_new, pad_id, token_budget, 
             for i, row, n in zip(batch, rows, lengths):
                 out[i] = row[:n]
     sync(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, len(plan.batches), stats, [out[i] for i in range(len(prompts))], peak
+    return seconds, cpu_seconds, len(plan.batches), stats, [out[i] for i in range(len(prompts))], peak
 
 
-def time_steps(net, batch: int, steps: int, device, vocab: int) -> float:
-    """ms per decode step after a 256-token prompt (greedy_decode, nobody stops)."""
+def time_steps(net, batch: int, steps: int, prompt_tokens: int, rounds: int, device) -> tuple[float, ...]:
+    """ms per decode step (one token for each of `batch` sequences after a `prompt_tokens` prompt) with the adapters
+    unmerged and folded: one prefill, then rounds of `steps` steps alternating unmerged and folded on the same cache
+    (interleaved, so that a noisy shared machine slows both alike); the median round of each, wall and CPU time:
+    (unmerged wall, folded wall, unmerged cpu, folded cpu)."""
+    import statistics
+
     import torch
+    from transformers import DynamicCache
 
-    from tasks.generation import DecodeStats, greedy_decode
+    from tasks.fold import folded_adapter
 
     g = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(10, min(vocab, 400), (batch, 256), generator=g).tolist()
-    never = [vocab + 1000]  # a stop id no model produces
-    greedy_decode(net, prompts, 0, never, 2)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    greedy_decode(net, prompts, 0, never, 1)
-    sync(device)
-    prefill = time.perf_counter() - start
-    stats = DecodeStats()
-    start = time.perf_counter()
-    greedy_decode(net, prompts, 0, never, steps + 1, stats)
-    sync(device)
-    return 1000 * (time.perf_counter() - start - prefill) / steps
+    ids = torch.randint(10, 400, (batch, prompt_tokens), generator=g).to(device)
+    cache = DynamicCache(config=net.config)
+    with torch.no_grad():
+        out = net(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+        def run(n):
+            nonlocal token
+            sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                token = net(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1,
+                                                                                                     keepdim=True)
+            sync(device)
+            return 1000 * (time.perf_counter() - start) / n, 1000 * (time.process_time() - cpu_start) / n
+
+        run(1)  # warm-up
+        unmerged, folded = [], []
+        for _ in range(rounds):
+            unmerged.append(run(steps))
+            with folded_adapter(net):
+                folded.append(run(steps))
+    median = statistics.median
+    return (median(t for t, _ in unmerged), median(t for t, _ in folded), median(c for _, c in unmerged),
+            median(c for _, c in folded))
 
 
 def main():
@@ -211,7 +232,9 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=1536)
     p.add_argument("--step-batches", default="1,4,16,64", help="part step: batch sizes ('' skips the part)")
-    p.add_argument("--step-tokens", type=int, default=16)
+    p.add_argument("--step-tokens", type=int, default=16, help="part step: decode steps per round")
+    p.add_argument("--step-prompt", type=int, default=256, help="part step: prompt tokens before the steps")
+    p.add_argument("--step-rounds", type=int, default=3, help="part step: interleaved rounds (median)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True, help="results prefix: OUT.json and OUT.md")
     args = p.parse_args()
@@ -247,28 +270,29 @@ def main():
             lengths = [min(n, args.max_new_tokens) for n in lengths]
             today_tokens = None
             for path in args.paths.split(","):
-                seconds, batches, stats, tokens, peak = run_path(path, net, prompts, lengths, args.max_new_tokens,
+                seconds, cpu_seconds, batches, stats, tokens, peak = run_path(path, net, prompts, lengths, args.max_new_tokens,
                                                                  tokenizer.pad_token_id or 0, budget, device)
                 today_tokens = tokens if path == "today" else today_tokens
-                r = PathResult(path=path, k=k, lengths=lengths_name, seconds=seconds, batches=batches,
+                r = PathResult(path=path, k=k, lengths=lengths_name, seconds=seconds, cpu_seconds=cpu_seconds,
+                               batches=batches,
                                decode_steps=stats.steps, sequence_steps=stats.sequence_steps,
                                answer_tokens=sum(lengths), tokens_per_s=sum(lengths) / seconds, peak_gib=peak,
                                same_as_today=today_tokens is not None and tokens == today_tokens)
                 results.append(r)
-                print(f"k={k} {lengths_name:>4} {path:>13}: {seconds:7.2f} s  {r.tokens_per_s:8.1f} tok/s  "
+                print(f"k={k} {lengths_name:>4} {path:>13}: {seconds:7.2f} s (cpu {cpu_seconds:7.2f} s)  "
+                      f"{r.tokens_per_s:8.1f} tok/s  "
                       f"{batches:3d} batches  {stats.steps:5d} steps  "
                       f"rows {stats.sequence_steps} for {sum(lengths)} tokens  same as today: {r.same_as_today}",
                       flush=True)
         if k and args.step_batches:
             for batch in [int(b) for b in args.step_batches.split(",")]:
-                unmerged = time_steps(net, batch, args.step_tokens, device, len(tokenizer))
-                from tasks.fold import folded_adapter
-
-                with torch.no_grad(), folded_adapter(net):
-                    folded = time_steps(net, batch, args.step_tokens, device, len(tokenizer))
-                steps.append(StepResult(k=k, batch=batch, unmerged_ms=unmerged, folded_ms=folded))
-                print(f"step k={k} batch {batch:3d}: unmerged {unmerged:7.1f} ms  folded {folded:7.1f} ms "
-                      f"({unmerged / folded:.2f}x)", flush=True)
+                unmerged, folded, unmerged_cpu, folded_cpu = time_steps(net, batch, args.step_tokens,
+                                                                        args.step_prompt, args.step_rounds, device)
+                steps.append(StepResult(k=k, batch=batch, unmerged_ms=unmerged, folded_ms=folded,
+                                        unmerged_cpu_ms=unmerged_cpu, folded_cpu_ms=folded_cpu))
+                print(f"step k={k} batch {batch:3d}: unmerged {unmerged:7.1f} ms (cpu {unmerged_cpu:7.1f})  folded "
+                      f"{folded:7.1f} ms (cpu {folded_cpu:7.1f})  {unmerged / folded:.2f}x wall, "
+                      f"{unmerged_cpu / folded_cpu:.2f}x cpu", flush=True)
         if peft_model is not None:
             base = peft_model.unload()  # the next k starts from the bare base again
 
@@ -285,16 +309,20 @@ def main():
              f"{args.arch} (random weights, {args.dtype}), {len(prompts)} prompts of {', '.join(task_names)} "
              f"(mean {meta['mean_prompt_tokens']:.0f} prompt tokens; real answers mean "
              f"{meta['mean_real_answer_tokens']:.1f} tokens), token budget {budget}, {meta['date']}", "",
-             "| k | answers | path | s | tokens/s | batches | decode steps | rows computed / answer tokens "
-             "| peak GiB | same tokens as today |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| k | answers | path | wall s | cpu s | tokens/s (wall) | batches | decode steps | rows computed / answer "
+             "tokens | peak GiB | same tokens as today |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.k} | {r.lengths} | {r.path} | {r.seconds:.2f} | {r.tokens_per_s:.1f} | {r.batches} | "
+        lines.append(f"| {r.k} | {r.lengths} | {r.path} | {r.seconds:.2f} | {r.cpu_seconds:.2f} | "
+                     f"{r.tokens_per_s:.1f} | {r.batches} | "
                      f"{r.decode_steps} | {r.sequence_steps / r.answer_tokens:.2f} | "
                      f"{'-' if r.peak_gib is None else f'{r.peak_gib:.1f}'} | {r.same_as_today} |")
     if steps:
-        lines += ["", "One decode step after a 256-token prompt:", "",
-                  "| k | batch | unmerged ms | folded ms | speed-up |", "|---|---|---|---|---|"]
-        lines += [f"| {s.k} | {s.batch} | {s.unmerged_ms:.1f} | {s.folded_ms:.1f} | {s.unmerged_ms / s.folded_ms:.2f}x |"
+        lines += ["", f"One decode step after a {args.step_prompt}-token prompt (median of {args.step_rounds} "
+                  f"interleaved rounds of {args.step_tokens} steps):", "",
+                  "| k | batch | unmerged ms (wall) | folded ms (wall) | wall speed-up | unmerged cpu ms | folded cpu ms "
+                  "| cpu speed-up |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s.k} | {s.batch} | {s.unmerged_ms:.1f} | {s.folded_ms:.1f} | {s.unmerged_ms / s.folded_ms:.2f}x | "
+                  f"{s.unmerged_cpu_ms:.1f} | {s.folded_cpu_ms:.1f} | {s.unmerged_cpu_ms / s.folded_cpu_ms:.2f}x |"
                   for s in steps]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

@@ -132,7 +132,8 @@ def folded_adapter(model):
     layers = lora_layers(model)
     saved_active = {name: list(layer.active_adapters) for name, layer in layers.items()}
     saved_grad = {id(p): p.requires_grad for layer in layers.values() for p in layer.parameters()}
-    config = LoraConfig(r=folded.rank, lora_alpha=folded.rank, lora_dropout=0.0, init_lora_weights=False)
+    config = LoraConfig(r=folded.rank, lora_alpha=folded.rank, lora_dropout=0.0, init_lora_weights=False,
+                        inference_mode=True)
     installed = []
     try:
         for name, weights in folded.modules.items():
