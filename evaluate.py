@@ -16,6 +16,11 @@ Two ways to run it:
     python evaluate.py --model runs/my_run/2-task1310 --tasks task195,task1310 --data-dir ...   # reproduces row 2 of R
     accelerate launch --num_processes 8 evaluate.py --model runs/my_run/5-task224 --tasks ... --output-dir out/
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 evaluate.py --model DIR --tasks ...
+    python evaluate.py --model runs/my_run/5-task224 --tasks ... --engine openai --api-base http://127.0.0.1:8000/v1 \
+        --served-model NAME                      # a served model (vLLM, SGLang) answers: tasks/served.py
+
+    # export: the adapter stack of a task folder folded into one stock peft LoRA (rank = sum of ranks), for vLLM
+    python evaluate.py --export-adapter runs/my_run/3-task273 out/fold3
 
     Instructions: a run's task folder (an adapter stack) stores the instruction each of its tasks was trained with;
     those are used for the tasks it names (--original-instructions: the originals for all). --instructions FILE
@@ -42,6 +47,8 @@ is shortened when too long, and a note says for how many inputs of a task), batc
 with left padding, greedy, stopped at EOS or the chat template's end-of-turn token; the answer is the decoded generated
 tokens only. Batches are formed from the globally length-sorted prompts and dealt round-robin to the processes, so every
 batch (and its padding) is the same whatever the number of processes: 1 and 8 processes give the same answers.
+Ours: batches hold up to --eval-token-budget tokens of prompt + answer, finished sequences leave the batch at once,
+and an adapter stack runs as one folded adapter (tasks/generation.py, tasks/fold.py).
 With ZeRO-3/FSDP sharded weights every process would have to join every forward; load full weights per process here.
 """
 from __future__ import annotations

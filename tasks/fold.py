@@ -73,11 +73,19 @@ def _check_foldable(name: str, layer, adapter: str):
                         "base weights")
 
 
+def _sharded(weight) -> bool:
+    """A ZeRO-3 placeholder (no elements here) or an FSDP2 DTensor shard: not a whole weight to fold."""
+    return weight.numel() == 0 or type(weight).__name__ == "DTensor"
+
+
 def fold_active_adapters(model) -> FoldedAdapter | None:
-    """The fold of the adapters active in `model` (None when no LoRA layer has an active adapter)."""
+    """The fold of the adapters active in `model` (None when no LoRA layer has an active adapter, or when the LoRA
+    weights are sharded: then generation runs the adapters unmerged, inside whatever gathers them)."""
     import torch
 
     layers = lora_layers(model)
+    if any(_sharded(p) for layer in layers.values() for p in layer.parameters()):
+        return None
     per_module = {}  # name -> [(adapter, A, s * B)]
     order: list[str] = []
     for name, layer in layers.items():
