@@ -999,10 +999,12 @@ def main(argv=None):
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir, **accelerator_kwargs(launch))
-    check_accelerator(accelerator, "train_sapo.py", training_recipe(config),
-                      resolve_dtype(config.dtype, accelerator.device))  # the launch as built, before any model loads
+    launch = check_accelerator(accelerator, "train_sapo.py", training_recipe(config),
+                               resolve_dtype(config.dtype, accelerator.device))  # as built, before any model loads
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
     accelerator.print(describe_preset(config))
+    if launch.engine == "deepspeed":
+        accelerator.print(f"launch: {launch.describe()}")
     check_batch_split(config, accelerator.num_processes)
     set_seed(config.seed)
     tasks = load_tasks(config, accelerator)  # data first: a bad task name or pool fails before any model loads
