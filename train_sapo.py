@@ -134,7 +134,8 @@ PRESETS = {
 }
 # Fields that do not change results: a rerun may change them without being refused. The run directory's own path is
 # one of them: a moved or copied run resumes.
-RESUME_FREE = {"report_to", "eval_batch_size", "eval_token_budget", "eval_compile", "score_token_budget", "checkpoint_every", "output_dir", "preset",
+RESUME_FREE = {"report_to", "eval_batch_size", "eval_token_budget", "eval_compile", "score_token_budget",
+               "checkpoint_every", "output_dir", "preset",
                "gradient_checkpointing"}  # recomputes the same activations (RNG state kept): same gradients
 # Paths of the inputs: compared by what they hold (tasks.run_dir.RunKey: each task's data, each pool, the model's
 # files), not by how they are spelled, so a relative path, a moved data dir or a copied candidates file resume.
@@ -148,7 +149,8 @@ FLAG_RANGES = {
     "global_batch_size": Range(1), "micro_batch_size": Range(1), "micro_batch_tokens": Range(1),
     "max_grad_norm": Range(0, low_open=True), "max_source_length": Range(1), "max_target_length": Range(1),
     "lora_r": Range(1), "lora_alpha": Range(0, low_open=True), "lora_dropout": Range(0, 1, high_open=True),
-    "olora_lambda1": Range(0), "olora_lambda2": Range(0), "eval_batch_size": Range(1), "eval_token_budget": Range(1), "max_new_tokens": Range(1),
+    "olora_lambda1": Range(0), "olora_lambda2": Range(0), "eval_batch_size": Range(1), "max_new_tokens": Range(1),
+    "eval_token_budget": Range(1),
     "score_token_budget": Range(1), "reselect_every": Range(0), "reselect_top": Range(1), "checkpoint_every": Range(0),
 }
 CHOICES = {"method": ("lora-inc", "o-lora", "seq-lora"), "eval_prompt": ("selected", "original"),

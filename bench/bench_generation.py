@@ -13,7 +13,8 @@ sequence is stopped after its reference's token count plus the end-of-turn ("rea
     python bench/bench_generation.py --arch qwen3-8b --dtype bf16 --instances 650 --out bench/results/generation_h100
 
 Part "step" times one decode step alone (after a --step-prompt-token prompt; --step-rounds rounds of --step-tokens
-steps, unmerged and folded interleaved) for the k adapters unmerged against folded, at several batch sizes. Results: OUT.json and OUT.md, with the device's name.
+steps, unmerged and folded interleaved) for the k adapters unmerged against folded, at several batch sizes.
+Results: OUT.json and OUT.md, with the device's name.
 """
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def add_adapters(model, k: int):
 
 
 def load_prompts(tokenizer, data_dir, instances: int, max_prompt_tokens: int):
-    """(prompt token ids, answer length in tokens incl. the end-of-turn) of the first `instances` test inputs per task."""
+    """(prompt token ids, answer length in tokens incl. the end-of-turn, task names) of the first `instances` test
+    inputs per task."""
     from tasks.loaders import load_task
     from tasks.prompts import encode_generation_prompt
 
@@ -270,8 +272,8 @@ def main():
             lengths = [min(n, args.max_new_tokens) for n in lengths]
             today_tokens = None
             for path in args.paths.split(","):
-                seconds, cpu_seconds, batches, stats, tokens, peak = run_path(path, net, prompts, lengths, args.max_new_tokens,
-                                                                 tokenizer.pad_token_id or 0, budget, device)
+                seconds, cpu_seconds, batches, stats, tokens, peak = run_path(
+                    path, net, prompts, lengths, args.max_new_tokens, tokenizer.pad_token_id or 0, budget, device)
                 today_tokens = tokens if path == "today" else today_tokens
                 r = PathResult(path=path, k=k, lengths=lengths_name, seconds=seconds, cpu_seconds=cpu_seconds,
                                batches=batches,
@@ -309,8 +311,8 @@ def main():
              f"{args.arch} (random weights, {args.dtype}), {len(prompts)} prompts of {', '.join(task_names)} "
              f"(mean {meta['mean_prompt_tokens']:.0f} prompt tokens; real answers mean "
              f"{meta['mean_real_answer_tokens']:.1f} tokens), token budget {budget}, {meta['date']}", "",
-             "| k | answers | path | wall s | cpu s | tokens/s (wall) | batches | decode steps | rows computed / answer "
-             "tokens | peak GiB | same tokens as today |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| k | answers | path | wall s | cpu s | tokens/s (wall) | batches | decode steps "
+             "| rows computed / answer tokens | peak GiB | same tokens as today |", "|---" * 11 + "|"]
     for r in results:
         lines.append(f"| {r.k} | {r.lengths} | {r.path} | {r.seconds:.2f} | {r.cpu_seconds:.2f} | "
                      f"{r.tokens_per_s:.1f} | {r.batches} | "
@@ -319,10 +321,11 @@ def main():
     if steps:
         lines += ["", f"One decode step after a {args.step_prompt}-token prompt (median of {args.step_rounds} "
                   f"interleaved rounds of {args.step_tokens} steps):", "",
-                  "| k | batch | unmerged ms (wall) | folded ms (wall) | wall speed-up | unmerged cpu ms | folded cpu ms "
-                  "| cpu speed-up |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {s.k} | {s.batch} | {s.unmerged_ms:.1f} | {s.folded_ms:.1f} | {s.unmerged_ms / s.folded_ms:.2f}x | "
-                  f"{s.unmerged_cpu_ms:.1f} | {s.folded_cpu_ms:.1f} | {s.unmerged_cpu_ms / s.folded_cpu_ms:.2f}x |"
+                  "| k | batch | unmerged ms (wall) | folded ms (wall) | wall speed-up | unmerged cpu ms "
+                  "| folded cpu ms | cpu speed-up |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s.k} | {s.batch} | {s.unmerged_ms:.1f} | {s.folded_ms:.1f} | "
+                  f"{s.unmerged_ms / s.folded_ms:.2f}x | {s.unmerged_cpu_ms:.1f} | {s.folded_cpu_ms:.1f} | "
+                  f"{s.unmerged_cpu_ms / s.folded_cpu_ms:.2f}x |"
                   for s in steps]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
