@@ -34,6 +34,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 NI_SEQ_C1 = ["task195_sentiment140_classification", "task1310_amazonreview_rating_classification",
              "task273_europarl_classification", "task611_mutual_multi_turn_dialogue",
              "task224_scruples_anecdotes_ethical_judgment"]
+# The README's complete generation/mixed sequence: answers of very different lengths (titles, lists, summaries)
+GENERATION_MIX = ["task163_count_words_ending_with_letter",
+                  "task488_extract_all_alphabetical_elements_from_list_in_order",
+                  "task1510_evalution_relation_extraction", "task1355_sent_comp_summarization",
+                  "task292_storycommonsense_character_text_generation"]
+SEQUENCES = {"ni_seq_c1": NI_SEQ_C1, "generation_mix": GENERATION_MIX}
 PATHS = ("today", "folded", "budget_nodrop", "budget", "static")
 
 
@@ -113,7 +119,7 @@ def add_adapters(model, k: int):
     return peft_model.get_base_model().eval(), peft_model
 
 
-def load_prompts(tokenizer, data_dir, instances: int, max_prompt_tokens: int):
+def load_prompts(tokenizer, data_dir, instances: int, max_prompt_tokens: int, sequence: list[str] = NI_SEQ_C1):
     """(prompt token ids, answer length in tokens incl. the end-of-turn, task names) of the first `instances` test
     inputs per task."""
     from tasks.loaders import load_task
@@ -122,9 +128,9 @@ def load_prompts(tokenizer, data_dir, instances: int, max_prompt_tokens: int):
     from tasks.builtin import BUILTIN_TASK_NAMES
 
     if data_dir and Path(data_dir).is_dir():
-        tasks = [load_task(name, data_dir) for name in NI_SEQ_C1]
+        tasks = [load_task(name, data_dir) for name in sequence]
     else:  # five built-in tasks stand in for the five of the sequence
-        tasks = [load_task(name, None) for name in BUILTIN_TASK_NAMES[:len(NI_SEQ_C1)]]
+        tasks = [load_task(name, None) for name in BUILTIN_TASK_NAMES[:len(sequence)]]
     prompts, lengths = [], []
     for task in tasks:
         test = task.split("test")
@@ -227,6 +233,8 @@ def main():
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "superni"))
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for prompts and label lengths")
     p.add_argument("--instances", type=int, default=8, help="test inputs per task")
+    p.add_argument("--sequence", default="ni_seq_c1", choices=sorted(SEQUENCES),
+                   help="whose test inputs and label lengths (with --data-dir)")
     p.add_argument("--k", default="0,1,5")
     p.add_argument("--lengths", default="real,128")
     p.add_argument("--paths", default=",".join(PATHS))
@@ -255,7 +263,8 @@ def main():
     if args.tokenizer or (Path.home() / ".cache" / "sapo" / "SmolLM2-135M-Instruct").is_dir():
         path = args.tokenizer or str(Path.home() / ".cache" / "sapo" / "SmolLM2-135M-Instruct")
         tokenizer, tokenizer_name = AutoTokenizer.from_pretrained(path), path
-    prompts, real_lengths, task_names = load_prompts(tokenizer, args.data_dir, args.instances, args.max_prompt_tokens)
+    prompts, real_lengths, task_names = load_prompts(tokenizer, args.data_dir, args.instances, args.max_prompt_tokens,
+                                                     SEQUENCES[args.sequence])
     budget = args.token_budget or default_token_budget(base, device)
     name = device_name(device)
     print(f"device: {name}; {args.arch} random weights in {args.dtype}; {len(prompts)} prompts from "
