@@ -72,7 +72,6 @@ class TrainingRecipe:
     max_grad_norm: float
     schedule: str  # train_sapo's --schedule
     micro_batch_size: int  # sequences per forward without a token budget (DeepSpeed's nominal micro-batch size)
-    dtype: str = "auto"  # --dtype of the base weights (resolved once the device is known)
 
 
 def _is_true(value) -> bool:
