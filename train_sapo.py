@@ -496,6 +496,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     start_step, earlier_seconds = 0, 0.0
     recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
+        check_checkpoint_format(checkpoint, deepspeed, task_dir.name)
         check_checkpoint_keys(model, checkpoint)
         accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
         saved = read_json(checkpoint / "sapo_step.json")
@@ -577,6 +578,16 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
                                 seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
                                 reselection_seconds=reselect.seconds if reselect else 0.0)
+
+
+def check_checkpoint_format(checkpoint: Path, deepspeed: bool, task: str):
+    """A DeepSpeed launch writes the engine's own checkpoint (a pytorch_model/ folder of per-process partitions), any
+    other launch a model.safetensors: a resume under the other kind of launch would fail inside the loader."""
+    by_deepspeed = (checkpoint / "pytorch_model").is_dir()
+    if by_deepspeed != deepspeed:
+        written = "a DeepSpeed" if by_deepspeed else "a non-DeepSpeed"
+        raise SapoError(f"{checkpoint} was written by {written} launch: resume with the same launch, or delete it to "
+                        f"train {task} again from its start")
 
 
 def check_checkpoint_keys(model, checkpoint: Path):

@@ -206,3 +206,18 @@ def test_a_deepspeed_launch_that_accelerate_quietly_builds_as_ddp_is_refused(tmp
     assert e.value.code == 2 and len(err) == 1, err
     assert "asks for deepspeed but accelerate built a NO one (ACCELERATE_USE_CPU=1 makes accelerate skip" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_is_resumed_only_by_the_kind_of_launch_that_wrote_it(tmp_path):
+    deepspeed_checkpoint = tmp_path / "ds" / "checkpoint"
+    (deepspeed_checkpoint / "pytorch_model").mkdir(parents=True)  # DeepSpeed's engine checkpoint (per process)
+    plain_checkpoint = tmp_path / "ddp" / "checkpoint"
+    plain_checkpoint.mkdir(parents=True)
+    (plain_checkpoint / "model.safetensors").write_bytes(b"")
+    train_sapo.check_checkpoint_format(deepspeed_checkpoint, True, "1-sentiment")
+    train_sapo.check_checkpoint_format(plain_checkpoint, False, "1-sentiment")
+    with pytest.raises(SapoError, match=f"{deepspeed_checkpoint} was written by a DeepSpeed launch: resume with the "
+                                        "same launch, or delete it to train 1-sentiment again"):
+        train_sapo.check_checkpoint_format(deepspeed_checkpoint, False, "1-sentiment")
+    with pytest.raises(SapoError, match="was written by a non-DeepSpeed launch"):
+        train_sapo.check_checkpoint_format(plain_checkpoint, True, "1-sentiment")
