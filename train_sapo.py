@@ -691,7 +691,7 @@ class Row:
     """scores.json: one row of R, every task of the sequence evaluated with one model state."""
 
     row: str  # the row's label: zero-shot, or "after <task>"
-    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, num_instances)
+    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, [trace], ...)
     seconds: float
 
 
@@ -902,8 +902,12 @@ def write_results(run: Run, rows: list[Row], timings: dict):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
+    # A score is a matrix of R when every task of every row has it: TRACE's own ("trace") in a run of TRACE tasks.
+    present = [s for s in evaluate.SCORES if all(s in r.scores[n] for r in rows for n in names)]
     R = {"tasks": names, "rows": [r.row for r in rows],
-         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in ("rougeL", "exact_match")}}
+         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in present}}
+    if "trace" in present:
+        R["trace_metrics"] = {n: rows[0].scores[n]["trace_metric"] for n in names}
     write_json(run.run_dir / "R.json", R)
     evaluate.write_report(run.run_dir)
     if timings:
@@ -933,9 +937,9 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
-    metrics = evaluate.write_report(run.run_dir)
-    print()
-    print(evaluate.markdown_table([[r.scores[n]["rougeL"] for n in names] for r in rows], names))
+    metrics = evaluate.write_report(run.run_dir)  # on TRACE's own scores when R has them, else ROUGE-L
+    print(f"\n{metrics['metric']}:")
+    print(evaluate.markdown_table([[r.scores[n][metrics["metric"]] for n in names] for r in rows], names))
     print()
     print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
     overhead = [t["selection_overhead_pct"] for t in timings.values() if t.get("selection_overhead_pct")]

@@ -24,6 +24,12 @@ import torch
 from tasks.errors import SapoError
 
 IGNORE_INDEX = -100
+# The authors' length limits (their --max_source_length 1536 --max_target_length 128), shared by every script: a
+# generation prompt holds at most MAX_SOURCE_LENGTH tokens, a trained or scored example (prompt + answer) at most
+# MAX_LENGTH; longer ones have their input text shortened.
+MAX_SOURCE_LENGTH = 1536
+MAX_TARGET_LENGTH = 128
+MAX_LENGTH = MAX_SOURCE_LENGTH + MAX_TARGET_LENGTH
 DEFAULT_INPUT_LABEL = "Text:"
 CHINESE_INPUT_LABEL = "文本:"
 HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs (extension A, unified, compatibility)
