@@ -383,8 +383,8 @@ def _run_and_metrics(run_dir, metric) -> tuple[dict, dict]:
 
 
 def report_metrics(run_dir, metric=None) -> dict:
-    """The metrics of run_dir/R.json on `metric` (None: default_metric; plus the tasks and the other scores' metrics under "other"), as
-    write_report returns them. Reads only: a run that is reported on or compared is never modified."""
+    """The metrics of run_dir/R.json on `metric` (None: default_metric), plus the tasks and the other scores' metrics
+    under "other", as write_report returns them. Reads only: a run that is reported on or compared is never modified."""
     return _run_and_metrics(run_dir, metric)[1]
 
 
@@ -576,7 +576,8 @@ def run_main(args):
     columns = [score for score in SCORES if all(score in r for r in results)]
     accelerator.print("\n| task | " + " | ".join(columns) + " | instances |\n" + "|---" * (len(columns) + 2) + "|")
     for r in results:
-        accelerator.print(f"| {r['task']} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + f" | {r['num_instances']} |")
+        cells = " | ".join(f"{r[c]:.2f}" for c in columns)
+        accelerator.print(f"| {r['task']} | {cells} | {r['num_instances']} |")
     if args.output_dir and accelerator.is_main_process:
         summary = {"model": args.model, "split": args.split, "max_instances": args.max_instances,
                    "tasks": [r["task"] for r in results], **{c: [r[c] for r in results] for c in columns},

@@ -32,7 +32,7 @@ import torch
 import evaluate
 import score_prompts
 from tasks import SapoError, cli_main
-from tasks.prompts import encode_task_example
+from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_example
 from tasks.core import Task
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
@@ -62,6 +62,7 @@ class Config:
     generate: int = 0  # paraphrases to generate with a chat model instead of a pool (original stays candidate 0)
     paraphraser: str | None = None  # local chat model for --generate (default: the current model), or the API's model
     paraphrase_api: str | None = None  # OpenAI-compatible chat endpoint for --generate
+    meta_prompt: str | None = None  # file: the request for a --generate rewrite, {instruction} in it (None: built-in)
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
     score_instances: int = 250  # candidates are scored on the first N training instances
     race_first: int = 8  # sapo-race (ours): instances of the first round (then x2 per round up to score_instances)
@@ -76,8 +77,8 @@ class Config:
     global_batch_size: int = 64  # sequences per optimizer step, whatever the number of processes
     micro_batch_size: int = 8  # sequences per forward without --micro-batch-tokens; accumulation fills the rest
     max_grad_norm: float = 1.0
-    max_source_length: int = 1536
-    max_target_length: int = 128
+    max_source_length: int = MAX_SOURCE_LENGTH  # tokens of a prompt (tasks.prompts: shared with the other scripts)
+    max_target_length: int = MAX_TARGET_LENGTH  # tokens of an answer; an example holds at most the sum
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1
@@ -106,7 +107,7 @@ class Config:
     def pool_source(self) -> PoolSource:
         return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
                           generate=self.generate, paraphraser=self.paraphraser, paraphrase_api=self.paraphrase_api,
-                          seed=self.seed)
+                          seed=self.seed, meta_prompt=self.meta_prompt)
 
     def fixed_candidate(self) -> int | None:
         """K of --select fixed:K (train with candidate K of the pool, unscored), else None."""

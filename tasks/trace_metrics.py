@@ -1,14 +1,14 @@
 """TRACE's own per-task scores, as TRACE's code defines them (github BeyonderXX/TRACE: metrics.py and
 evaluations/eval_<task>.py), so that a TRACE run's R holds the numbers TRACE's tables report.
 
-| task                      | TRACE's score        | definition (one prediction p, one reference r)                          |
-|---------------------------|----------------------|-------------------------------------------------------------------------|
-| C-STANCE, FOMC,           | accuracy             | p == r, the strings as they are (no case folding, no normalisation)     |
-| NumGLUE-cm, NumGLUE-ds    |                      |                                                                         |
-| ScienceQA                 | accuracy             | p[0] == r[0]: eval_ScienceQA.resolve takes the first character as the   |
-|                           |                      | answer letter ("B" of "B\\nBecause ...")                                |
-| Py150                     | edit similarity      | fuzzywuzzy's fuzz.ratio(post(p), post(r)), an integer 0..100            |
-| MeetingBank               | ROUGE-L              | the `rouge` package's (1.0.1, pinned in TRACE) rouge-l "f"              |
+| task                   | TRACE's score   | definition (one prediction p, one reference r)                     |
+|------------------------|-----------------|--------------------------------------------------------------------|
+| C-STANCE, FOMC,        | accuracy        | p == r, the strings as they are (no case folding, no normalising)  |
+| NumGLUE-cm, NumGLUE-ds |                 |                                                                    |
+| ScienceQA              | accuracy        | p[0] == r[0]: eval_ScienceQA.resolve takes the first character as  |
+|                        |                 | the answer letter ("B" of "B\\nBecause ...")                       |
+| Py150                  | edit similarity | fuzzywuzzy's fuzz.ratio(post(p), post(r)), an integer 0..100       |
+| MeetingBank            | ROUGE-L         | the `rouge` package's (1.0.1, pinned in TRACE) rouge-l "f"         |
 
 Each score is x100 (accuracy and ROUGE-L are 0..1 in TRACE's code, the edit similarity already 0..100). TRACE skips
 a pair whose prediction or reference is empty but still divides by the number of instances: such a pair scores 0, and
@@ -26,8 +26,8 @@ Details kept literally:
 - ROUGE-L: TRACE calls rouge.Rouge(metrics=["rouge-l"]).get_scores(r, p, avg=True), the REFERENCE in the hypothesis
   slot; kept (the package's summary-level union LCS over "."-split sentences and its distinct-word counts are not
   symmetric in their arguments). No stemming, no lower-casing, words split on spaces.
-- The answers are the project's (the generated tokens, decoded and stripped: evaluate.generate_answers), where TRACE compares the
-  raw decoded text: a leading space that TRACE's decoding keeps would make its exact match fail, ours does not.
+- The answers are the project's (the generated tokens, decoded and stripped: evaluate.generate_answers), where TRACE
+  compares the raw decoded text: a leading space that TRACE's decoding keeps would fail its exact match, not ours.
 
 The authors of SAPO meant to report these and never did (their TRACE metric keys do not match, so their code reports
 zeros); other task names have no TRACE definition (20Minuten's SARI and Papyrus-f's F1 are not implemented here).
