@@ -41,11 +41,18 @@ def input_label_for(instruction: str) -> str:
     return CHINESE_INPUT_LABEL if _HAN_RE.search(instruction) else DEFAULT_INPUT_LABEL
 
 
+def suffix_separator(suffix: str) -> str:
+    """What goes between the input and the suffix: the authors' slice rule "\\n\\n"[:len(suffix)] (their
+    uie_dataset.py), i.e. nothing before an empty suffix (the message ends with the input), one newline before a
+    one-character suffix, a blank line before any longer one."""
+    return "\n\n"[:len(suffix)]
+
+
 def user_message(instruction: str, input_text: str, suffix: str, *, input_label: str = DEFAULT_INPUT_LABEL) -> str:
     """`{instruction}\\n\\n{input_label}\\n{input}\\n\\n{suffix}`; without the leading instruction block when the
-    instruction is empty."""
+    instruction is empty; an empty or one-character suffix is joined by the authors' rule (suffix_separator)."""
     head = instruction + "\n\n" if instruction else ""
-    return head + input_label + "\n" + input_text + "\n\n" + suffix
+    return head + input_label + "\n" + input_text + suffix_separator(suffix) + suffix
 
 
 def render_chat(tokenizer, messages, add_generation_prompt):

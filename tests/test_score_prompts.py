@@ -351,6 +351,15 @@ def test_meta_prompt_file_errors_name_the_file(tmp_path, text, message):
         paraphrases.read_meta_prompt(tmp_path / "missing.txt")
 
 
+def test_max_length_default_is_the_training_limit():
+    """score_prompts scores what train_sapo trains and scores: prompt limit + answer limit, 1536 + 128 tokens."""
+    import train_sapo
+
+    config = train_sapo.Config()
+    assert sp.parse_args(["--task", "sentiment"]).max_length == config.max_source_length + config.max_target_length \
+        == 1536 + 128
+
+
 def test_meta_prompt_flag_is_checked_before_any_model_loads(tmp_path, capsys):
     bad = tmp_path / "meta.txt"
     bad.write_text("no placeholder", encoding="utf-8")
