@@ -118,7 +118,8 @@ PRESETS = {
     # The authors' O-LoRA strength: their trainer adds 0.5 * orth to the loss of each of the 8 micro-batches of an
     # optimizer step and never divides it by the 8 accumulation steps (transformers 4.51 skips that division for models
     # that take loss kwargs, as Qwen3 does, and tells DeepSpeed scale_wrt_gas=False), while the cross-entropy is a
-    # token mean over the whole step (num_items_in_batch). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
+    # token mean over each GPU's 8 micro-batches (num_items_in_batch), averaged over the GPUs (README: "Reproducing
+    # the paper"). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
     # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
     "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
                   olora_lambda1=4.0, gradient_checkpointing=True, micro_batch_tokens=16384),
