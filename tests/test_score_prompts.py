@@ -323,6 +323,28 @@ def test_meta_prompt_file_with_braces_and_cjk_is_filled_literally(tmp_path, monk
     assert failed["rejected"] == {"duplicate": 1} and failed["replies"] == 2  # a failure records why
 
 
+def test_pool_source_sends_the_meta_prompt_file_to_the_paraphraser(tmp_path, monkeypatch):
+    """The flag's path through tasks.pools: PoolSource(meta_prompt=FILE).build asks with the file's request."""
+    from tasks.pools import PoolSource
+
+    path = tmp_path / "meta.txt"
+    path.write_text("改写 {instruction}，保留 {label_words}。用 <START>...</START> 包住。", encoding="utf-8")
+    task = chinese_task()
+    asked = []
+    rewrite = "请判断这段文本对{对象}的立场：A.支持，B.反对，C.中立。只输出A，B或者C。"
+
+    def fake_sample(model, tokenizer, prompt, n, temperature, seed):
+        asked.append(prompt)
+        return ["<START>" + rewrite + "</START>"] * n
+
+    monkeypatch.setattr(paraphrases, "sample_local", fake_sample)
+    source = PoolSource(generate=1, meta_prompt=str(path))
+    source.check()
+    pool = source.build(task, model=None, tokenizer=None, state_id="s", cache_path=tmp_path / "paraphrases.json")
+    assert pool == [task.instruction, rewrite]
+    assert asked == ["改写 " + CSTANCE + '，保留 "A", "B", "C"。用 <START>...</START> 包住。']
+
+
 def test_builtin_meta_prompt_follows_the_task_language():
     chinese, english = chinese_task(), make_task()
     zh = paraphrases.meta_prompt(chinese)
