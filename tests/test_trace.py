@@ -198,6 +198,9 @@ def test_py150_edit_similarity_post_processing_and_ratio():
     assert (fuzz_ratio("abcd", "abce"), fuzz_ratio("kitten", "sitting"), fuzz_ratio("abcdefgh", "aijklmno")) == \
         (75, 62, 12)
     assert fuzz_ratio("x" * 10, "x" * 300) == 6  # 2*10/310 = 6.45: difflib's popular-element rule still extends it
+    # difflib is not an edit distance: it takes the longest block "aa" (a[0:2] = b[2:4]) first, then nothing fits on
+    # either side: 2*2/7 -> 57, where python-Levenshtein's ratio (LCS "aaa") would give 2*3/7 -> 86
+    assert fuzz_ratio("aaa", "abaa") == 57
     assert fuzz_ratio("same", "same") == 100 and fuzz_ratio("", "x") == 0
     # post-processing first: "<STR_LIT>" vanishes on both sides, "<NUM_LIT>" becomes "0"
     assert edit_similarity("f(<STR_LIT>)", "f()") == 100.0
