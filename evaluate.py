@@ -376,7 +376,8 @@ def _run_and_metrics(run_dir, metric) -> tuple[dict, dict]:
     metric = metric or default_metric(run)
     if metric not in run:
         present = ", ".join(s for s in SCORES if s in run)
-        raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present})")
+        why = "; TRACE's own scores are kept when every task of the run is a TRACE task" if metric == "trace" else ""
+        raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present}){why}")
     metrics = {"metric": metric, **cl_metrics(run[metric]), "tasks": run["tasks"],
                "other": {s: cl_metrics(run[s]) for s in SCORES if s in run and s != metric}}
     return run, metrics

@@ -261,3 +261,7 @@ def test_trace_scores_reach_evaluate_and_the_report(trace_dir, tmp_path, monkeyp
     assert evaluate.main([str(run), "--metric", "rougeL"])["metric"] == "rougeL"
     assert evaluate.write_report(run)["metric"] == "trace"
     assert (run / "R.csv").read_text().splitlines()[4] == "after Py150,40.0000,70.0000,60.0000"
+    (run / "R.json").write_text(json.dumps({"tasks": ["C-STANCE", "task195"], "rougeL": [[1, 2]]}))  # not all TRACE
+    assert evaluate.report_metrics(run)["metric"] == "rougeL"
+    with pytest.raises(evaluate.SapoError, match="has no 'trace' matrix .*every task of the run is a TRACE task"):
+        evaluate.report_metrics(run, "trace")
