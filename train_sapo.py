@@ -119,8 +119,8 @@ PRESETS = {
     # optimizer step and never divides it by the 8 accumulation steps (transformers 4.51 skips that division for models
     # that take loss kwargs, as Qwen3 does, and tells DeepSpeed scale_wrt_gas=False), while the cross-entropy is a
     # token mean over each GPU's 8 micro-batches (num_items_in_batch), averaged over the GPUs (README: "Reproducing
-    # the paper"). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
-    # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
+    # the paper"). Per step the gradient is that of CE + 8 * 0.5 * orth; ours counts the penalty once per step, so the
+    # same strength is olora_lambda1 = 4.0.
     # The authors' schedule as it ran: their scripts ask for cosine, but their DeepSpeed config's WarmupLR replaces it
     # (a log-shaped warmup, then constant; lr_factor). `--schedule cosine` is the one the scripts asked for.
     "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
