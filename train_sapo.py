@@ -32,7 +32,7 @@ import torch
 import evaluate
 import score_prompts
 from tasks import SapoError, cli_main
-from tasks.prompts import encode_task_example
+from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_example
 from tasks.core import Task
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
@@ -62,6 +62,7 @@ class Config:
     generate: int = 0  # paraphrases to generate with a chat model instead of a pool (original stays candidate 0)
     paraphraser: str | None = None  # local chat model for --generate (default: the current model), or the API's model
     paraphrase_api: str | None = None  # OpenAI-compatible chat endpoint for --generate
+    meta_prompt: str | None = None  # file: the request for a --generate rewrite, {instruction} in it (None: built-in)
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
     score_instances: int = 250  # candidates are scored on the first N training instances
     race_first: int = 8  # sapo-race (ours): instances of the first round (then x2 per round up to score_instances)
@@ -76,8 +77,8 @@ class Config:
     global_batch_size: int = 64  # sequences per optimizer step, whatever the number of processes
     micro_batch_size: int = 8  # sequences per forward without --micro-batch-tokens; accumulation fills the rest
     max_grad_norm: float = 1.0
-    max_source_length: int = 1536
-    max_target_length: int = 128
+    max_source_length: int = MAX_SOURCE_LENGTH  # tokens of a prompt (tasks.prompts: shared with the other scripts)
+    max_target_length: int = MAX_TARGET_LENGTH  # tokens of an answer; an example holds at most the sum
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1
@@ -106,7 +107,7 @@ class Config:
     def pool_source(self) -> PoolSource:
         return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
                           generate=self.generate, paraphraser=self.paraphraser, paraphrase_api=self.paraphrase_api,
-                          seed=self.seed)
+                          seed=self.seed, meta_prompt=self.meta_prompt)
 
     def fixed_candidate(self) -> int | None:
         """K of --select fixed:K (train with candidate K of the pool, unscored), else None."""
@@ -117,8 +118,9 @@ PRESETS = {
     # The authors' O-LoRA strength: their trainer adds 0.5 * orth to the loss of each of the 8 micro-batches of an
     # optimizer step and never divides it by the 8 accumulation steps (transformers 4.51 skips that division for models
     # that take loss kwargs, as Qwen3 does, and tells DeepSpeed scale_wrt_gas=False), while the cross-entropy is a
-    # token mean over the whole step (num_items_in_batch). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
-    # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
+    # token mean over each GPU's 8 micro-batches (num_items_in_batch), averaged over the GPUs (README: "Reproducing
+    # the paper"). Per step the gradient is that of CE + 8 * 0.5 * orth; ours counts the penalty once per step, so the
+    # same strength is olora_lambda1 = 4.0.
     # The authors' schedule as it ran: their scripts ask for cosine, but their DeepSpeed config's WarmupLR replaces it
     # (a log-shaped warmup, then constant; lr_factor). `--schedule cosine` is the one the scripts asked for.
     "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
@@ -746,7 +748,7 @@ class Row:
     """scores.json: one row of R, every task of the sequence evaluated with one model state."""
 
     row: str  # the row's label: zero-shot, or "after <task>"
-    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, num_instances)
+    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, [trace], ...)
     seconds: float
 
 
@@ -957,8 +959,12 @@ def write_results(run: Run, rows: list[Row], timings: dict):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
+    # A score is a matrix of R when every task of every row has it: TRACE's own ("trace") in a run of TRACE tasks.
+    present = [s for s in evaluate.SCORES if all(s in r.scores[n] for r in rows for n in names)]
     R = {"tasks": names, "rows": [r.row for r in rows],
-         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in ("rougeL", "exact_match")}}
+         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in present}}
+    if "trace" in present:
+        R["trace_metrics"] = {n: rows[0].scores[n]["trace_metric"] for n in names}
     write_json(run.run_dir / "R.json", R)
     evaluate.write_report(run.run_dir)
     if timings:
@@ -988,9 +994,9 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
-    metrics = evaluate.write_report(run.run_dir)
-    print()
-    print(evaluate.markdown_table([[r.scores[n]["rougeL"] for n in names] for r in rows], names))
+    metrics = evaluate.write_report(run.run_dir)  # on TRACE's own scores when R has them, else ROUGE-L
+    print(f"\n{metrics['metric']}:")
+    print(evaluate.markdown_table([[r.scores[n][metrics["metric"]] for n in names] for r in rows], names))
     print()
     print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
     overhead = [t["selection_overhead_pct"] for t in timings.values() if t.get("selection_overhead_pct")]
