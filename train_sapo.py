@@ -88,7 +88,9 @@ class Config:
     eval_prompt: str = "selected"  # selected | original: instruction for already-trained tasks at evaluation
     eval_split: str = "test"
     eval_instances: int | None = None  # None = the whole split
-    eval_batch_size: int = 16
+    eval_batch_size: int | None = None  # at most N sequences per generation batch (None: up to 256)
+    eval_token_budget: int | None = None  # ours: prompt + new tokens per generation batch (None: per device)
+    eval_compile: bool = False  # ours: CUDA: static KV cache + torch.compile of the decode step
     max_new_tokens: int = 128
     score_token_budget: int = 16384
     # Ours: re-score every N steps on the train instances after --train-instances (held out); switch only when the
@@ -134,7 +136,8 @@ PRESETS = {
 }
 # Fields that do not change results: a rerun may change them without being refused. The run directory's own path is
 # one of them: a moved or copied run resumes.
-RESUME_FREE = {"report_to", "eval_batch_size", "score_token_budget", "checkpoint_every", "output_dir", "preset",
+RESUME_FREE = {"report_to", "eval_batch_size", "eval_token_budget", "eval_compile", "score_token_budget",
+               "checkpoint_every", "output_dir", "preset",
                "gradient_checkpointing"}  # recomputes the same activations (RNG state kept): same gradients
 # Paths of the inputs: compared by what they hold (tasks.run_dir.RunKey: each task's data, each pool, the model's
 # files), not by how they are spelled, so a relative path, a moved data dir or a copied candidates file resume.
@@ -149,6 +152,7 @@ FLAG_RANGES = {
     "max_grad_norm": Range(0, low_open=True), "max_source_length": Range(1), "max_target_length": Range(1),
     "lora_r": Range(1), "lora_alpha": Range(0, low_open=True), "lora_dropout": Range(0, 1, high_open=True),
     "olora_lambda1": Range(0), "olora_lambda2": Range(0), "eval_batch_size": Range(1), "max_new_tokens": Range(1),
+    "eval_token_budget": Range(1),
     "score_token_budget": Range(1), "reselect_every": Range(0), "reselect_top": Range(1), "checkpoint_every": Range(0),
 }
 CHOICES = {"method": ("lora-inc", "o-lora", "seq-lora"), "eval_prompt": ("selected", "original"),
@@ -945,7 +949,8 @@ def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instruc
             state.model, run.tokenizer, task, instructions[task.name], run.accelerator, split=config.eval_split,
             max_instances=config.eval_instances, batch_size=config.eval_batch_size,
             max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_source_length,
-            predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress)
+            predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress,
+            token_budget=config.eval_token_budget or "auto", compile=config.eval_compile)  # adapters folded into one
     row = Row(row=label, scores=scores, seconds=time.perf_counter() - start)
     run.save(row_dir / "scores.json", dataclasses.asdict(row))
     return row

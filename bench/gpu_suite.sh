@@ -18,6 +18,10 @@
 #             at the paper's proportions (21 candidates x 250 scored, 10 epochs x 1000 trained; one epoch timed)
 #   training  a short `accelerate launch train_sapo.py` on CUDA (bf16, the Triton scoring path, the packed training
 #             step with checkpointing): two built-in tasks, selection, training, evaluation
+#   generation  bench/bench_generation.py in bf16 on a random-weight Qwen3-8B: an NI-Seq-C1-sized row (650 prompts x 5
+#             tasks' worth of built-in or --data-dir prompts, k = 5 adapters, real answer lengths) through the folded,
+#             token-budget and static-cache paths, then today's path against them at k = 0, 1, 5 on 64 prompts per
+#             task with real lengths and the 128-token worst case; results/generation_<dev>_*.{json,md}
 # scoring and training use $SAPO_MODEL_DIR when it names a local model directory; otherwise a random-weight model of
 # the architecture $SAPO_ARCH (smollm2-135m, qwen3-0.6b or qwen3-8b; default qwen3-0.6b) is written from its config by
 # bench/random_model.py (timings and memory are the real architecture's; its scores mean nothing).
@@ -82,8 +86,15 @@ part_training() {
         --output-dir "$RESULTS/train_${DEV}_${SAPO_ARCH:-qwen3-0.6b}"
 }
 
+part_generation() {  # ours (issue 23); self-contained: its own model, in the benchmark's process
+    $PY bench/bench_generation.py --arch qwen3-8b --dtype bf16 --instances 650 --k 5 --lengths real \
+        --paths folded,budget,static --step-batches "" --out "$RESULTS/generation_${DEV}_row" &&
+    $PY bench/bench_generation.py --arch qwen3-8b --dtype bf16 --instances 64 --k 0,1,5 --lengths real,128 \
+        --step-batches 1,16,64,256 --out "$RESULTS/generation_${DEV}_compare"
+}
+
 status=0
-for part in ${@:-kernel_tests kernel tune scoring training}; do
+for part in ${@:-kernel_tests kernel tune scoring training generation}; do
     echo "== part $part ==" | tee -a "$LOG"
     start=$(date +%s)
     timeout "$PART_TIMEOUT" bash -c "$(declare -f model_dir part_$part); PY=$PY RESULTS=$RESULTS DEV=$DEV part_$part" 2>&1 | tee -a "$LOG"
