@@ -28,5 +28,9 @@ def apply_fused_ops(net, fused_ops: str) -> list[str]:
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply is None:
         raise SapoError(f"--fused-ops liger: liger-kernel has no kernels for model type {model_type!r}")
-    apply(model=net, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    import inspect
+
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    accepted = inspect.signature(apply).parameters
+    apply(model=net, **{k: v for k, v in wanted.items() if k in accepted})
     return ["RMSNorm", "SwiGLU MLP", "RoPE"]

@@ -146,3 +146,18 @@ def peak_memory_reached(device) -> tuple[int, str]:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS (CPU)"
+
+
+def largest_micro_batch(plans, encoded, steps) -> tuple[int, int, int]:
+    """(tokens, row width, supervised tokens), each the largest over every micro-batch of a task's training:
+    `plans[s]` = the (index, tasks.train_batches.MicroBatch) pairs of step s (positions into `steps[s]`)."""
+    from tasks.train_batches import supervised_tokens
+
+    tokens = width = head_rows = 1
+    for batch, plan in zip(steps, plans):
+        for _, micro in plan:
+            if micro is None:
+                continue
+            tokens, width = max(tokens, micro.tokens), max(width, micro.width)
+            head_rows = max(head_rows, supervised_tokens(encoded, [batch[p] for row in micro.rows for p in row]))
+    return tokens, width, head_rows

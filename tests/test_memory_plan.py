@@ -95,3 +95,22 @@ def test_auto_turns_checkpointing_off_only_when_the_estimate_fits():
     assert choose_checkpointing("on", None) is True and choose_checkpointing("off", None) is False
     with pytest.raises(ValueError):
         choose_checkpointing("yes", None)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_train_sapo_auto_records_its_choice_the_estimate_and_the_peak(tmp_path, capsys):
+    import json
+
+    import train_sapo
+    from tiny import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    train_sapo.main(["--model", model_dir, "--sequence", "sentiment", "--select", "original", "--train-instances", "10",
+                     "--epochs", "1", "--global-batch-size", "10", "--micro-batch-tokens", "300",
+                     "--gradient-checkpointing", "auto", "--eval-instances", "1", "--max-new-tokens", "1",
+                     "--output-dir", str(tmp_path / "run")])
+    record = json.loads((tmp_path / "run" / "1-sentiment" / "training.json").read_text())
+    assert record["gradient_checkpointing"] == "off"  # a tiny model fits any machine's memory
+    assert 0 < record["estimated_peak_bytes"] < record["peak_memory_bytes"]  # CPU: the whole process's max RSS
+    assert record["peak_memory"] == "process max RSS (CPU)"
+    assert "estimated peak memory at" in capsys.readouterr().out
