@@ -361,7 +361,7 @@ def main():
     print(f"| total | {args.worst_case_tokens}-token answers | | {total_worst / 60:.1f} |")
     print(f"HEADLINE: full NI-Seq-C1 run ({args.arch}) {total_ref / 60:.1f} min: selection {selection_full / 60:.1f}, "
           f"training {training_full / 60:.1f}, evaluation {rows * row_ref / 60:.1f} ({total_worst / 60:.1f} min with "
-          f"{args.worst_case_tokens}-token answers); training {train['tf_per_s_effective']:.0f} TF/s effective")
+          f"{args.worst_case_tokens}-token answers); training {train['tf_per_s_effective']:.3g} TF/s effective")
 
 
 if __name__ == "__main__":
