@@ -50,18 +50,22 @@ def test_block_mask_is_the_dense_document_mask():
     assert torch.equal(block.mask_mod(b, torch.zeros_like(b), q, k), dense)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="FlexAttention's compiled kernels: CUDA"))])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_flex_gives_the_logits_and_gradients_of_the_dense_mask(arch, monkeypatch):
+def test_flex_gives_the_logits_and_gradients_of_the_dense_mask(arch, device, monkeypatch):
+    """On CPU: the eager implementation, its backward let through; on CUDA: the compiled kernels, forward and
+    backward, as training runs them."""
     from peft import LoraConfig, get_peft_model
 
-    net = tiny_model(VOCAB, arch=arch, seed=3)
+    net = tiny_model(VOCAB, arch=arch, seed=3).to(device)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     peft_model = get_peft_model(net, lora)
     with torch.no_grad():  # B = 0 at init would make every LoRA A gradient zero
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    batch = packed_batch([70, 25, 33, 48, 12, 55], seed=1)
+    batch = packed_batch([70, 25, 33, 48, 12, 55], seed=1).to(device)
     results = {}
     for attention in ("sdpa", "flex"):
         set_training_attention(net, attention)
@@ -72,16 +76,16 @@ def test_flex_gives_the_logits_and_gradients_of_the_dense_mask(arch, monkeypatch
                 attention_mask=(document_block_mask(batch.segment_ids) if attention == "flex" else
                                 dense_mask(batch))).last_hidden_state
         logits = net.get_output_embeddings()(hidden)
-        if attention == "flex":
+        if attention == "flex" and device == "cpu":
             monkeypatch.setattr("torch.nn.attention.flex_attention._validate_device", lambda *a: None)
         loss = SupervisedNLL(peft_model, "packed")(batch)
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.cpu() for n, p in peft_model.named_parameters() if p.grad is not None}
         peft_model.zero_grad(set_to_none=True)
-        results[attention] = (logits, loss.item(), grads)
+        results[attention] = (logits.cpu(), loss.item(), grads)
     assert net.config._attn_implementation == FLEX_ATTENTION
     (l0, loss0, g0), (l1, loss1, g1) = results["sdpa"], results["flex"]
-    real = batch.segment_ids >= 0  # padding positions attend to padding: compared too, but they are never scored
+    real = batch.segment_ids.cpu() >= 0  # padding positions attend to padding: compared too, but they are never scored
     assert (l1 - l0)[real].abs().max().item() <= 1e-4 * l0.abs().max().item()
     assert loss1 == pytest.approx(loss0, rel=1e-5)
     assert g0 and set(g0) == set(g1) and all(".lora_" in n for n in g0)
