@@ -287,8 +287,16 @@ def main():
     print(f"{args.arch}: {sum(p.numel() for p in net.parameters()) / 1e9:.2f}B parameters built on {device} in "
           f"{build_seconds:.1f} s", flush=True)
 
+    partial = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "arch": args.arch,
+               "measured_task": measured_task, "build_seconds": build_seconds, "complete": False}
+
+    def save_partial(**kwargs):  # after each piece: a part stopped by its timeout keeps what it measured
+        partial.update(kwargs)
+        (out / "paper_run.json").write_text(json.dumps(partial, indent=1) + "\n")
+
     # 1. Selection, before any adapter (as the first task's is).
     sel_seconds, sel_tokens, setup = time_selection(net, entry, args, device)
+    save_partial(selection_seconds=sel_seconds, selection_tokens_forwarded=sel_tokens)
     print(f"selection of {measured_task}: {args.candidates} x {args.score_instances} in {sel_seconds:.1f} s "
           f"({sel_tokens} tokens forwarded)", flush=True)
 
@@ -300,6 +308,7 @@ def main():
     matmul_params = sum(p.numel() for p in backbone.parameters()) - backbone.get_input_embeddings().weight.numel()
     tokens_per_s = train["real_tokens"] / train["seconds"]
     train["tokens_per_s"], train["tf_per_s_effective"] = tokens_per_s, 6 * matmul_params * tokens_per_s / 1e12
+    save_partial(training=train)
     print(f"training: {train['seconds_per_step']:.2f} s per step of {args.global_batch} ({train['steps_timed']} timed, "
           f"checkpointing {train['checkpointing']}), {tokens_per_s:.0f} tokens/s, "
           f"{train['tf_per_s_effective']:.0f} TF/s effective", flush=True)
@@ -345,7 +354,8 @@ def main():
               "dtype": args.dtype, "torch": torch.__version__, "lengths": table["tokenizer"],
               "build_seconds": build_seconds, "training": train, "evaluation": evaluation, "tasks": tasks,
               "pieces": [asdict(x) for x in pieces], "rows": rows, "total_seconds_reference": total_ref,
-              "total_seconds_worst_case": total_worst, "args": vars(args)}
+              "total_seconds_worst_case": total_worst, "args": vars(args), "measured_task": measured_task,
+              "complete": True}
     (out / "paper_run.json").write_text(json.dumps(result, indent=1) + "\n")
     with open(out / "paper_run.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -22,7 +22,7 @@ def test_each_group_of_parts_fits_one_command():
     assert {"default", "8b"} <= groups
     assert sum(t for _, t, g in parts if g == "default") <= 480  # <= 8 min: the margin in a 600 s command
     for group in groups:
-        assert sum(t for _, t, g in parts if g == group) <= 590, group
+        assert sum(t for _, t, g in parts if g == group) <= 560, group  # + installing wheels, the report
 
 
 def test_an_unknown_part_is_one_line_and_exit_2():
