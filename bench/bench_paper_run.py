@@ -225,24 +225,31 @@ def time_generation(net, batch, new_tokens, device):
     return time.perf_counter() - start
 
 
-def time_evaluation(net, table, args, device):
+def time_evaluation(net, table, args, device, on_task=None):
     net.eval()
     net.config.use_cache = True
     per_task = {}
     warm = False
     for t, (name, entry) in enumerate(table["tasks"].items()):
         batches = eval_batches(entry, net.config.vocab_size, args, 10 + t)
-        picks = sorted({round(i * (len(batches) - 1) / max(args.eval_batches - 1, 1))
-                        for i in range(min(args.eval_batches, len(batches)))})
+        if args.eval_batches == 0:  # the whole row
+            picks = list(range(len(batches)))
+        else:  # spread over the test set, longest prompts to shortest
+            picks = sorted({round(i * (len(batches) - 1) / max(args.eval_batches - 1, 1))
+                            for i in range(min(args.eval_batches, len(batches)))})
+        worst_picks = [picks[round(i * (len(picks) - 1) / max(args.worst_batches - 1, 1))]
+                       for i in range(min(args.worst_batches, len(picks)))]
         if not warm:  # first-call costs outside the timings
             time_generation(net, batches[picks[0]][:2], 2, device)
             warm = True
         ref = [time_generation(net, batches[i], max(a for _, a in batches[i]) + 1, device) for i in picks]
-        worst = [time_generation(net, batches[i], args.worst_case_tokens, device) for i in picks[:args.worst_batches]]
+        worst = [time_generation(net, batches[i], args.worst_case_tokens, device) for i in worst_picks]
         per_task[name] = dict(batches=len(batches), timed_batches=len(picks), reference_seconds=sum(ref),
                               worst_seconds=sum(worst), worst_timed_batches=len(worst),
                               row_reference_seconds=len(batches) * sum(ref) / len(ref),
                               row_worst_seconds=len(batches) * sum(worst) / len(worst))
+        if on_task is not None:
+            on_task(per_task)
     net.config.use_cache = False
     return per_task
 
@@ -263,7 +270,8 @@ def main():
     p.add_argument("--train-steps", type=int, default=4, help="optimizer steps run (the first is a warm-up)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
     p.add_argument("--gradient-checkpointing", choices=["on", "off", "auto"], default="auto")
-    p.add_argument("--eval-batches", type=int, default=4, help="batches timed per task, spread over its test set")
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="batches timed per task, spread over its test set; 0: all of them (a whole row of R)")
     p.add_argument("--worst-batches", type=int, default=1, help="of those, batches also timed at 128 new tokens")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--worst-case-tokens", type=int, default=128)
@@ -314,7 +322,8 @@ def main():
           f"{train['tf_per_s_effective']:.0f} TF/s effective", flush=True)
 
     # 3. Evaluation (the adapter active, as in every row after the first).
-    evaluation = time_evaluation(peft_model.get_base_model(), table, args, device)
+    evaluation = time_evaluation(peft_model.get_base_model(), table, args, device,
+                                 on_task=lambda done: save_partial(evaluation=done))
     row_ref = sum(e["row_reference_seconds"] for e in evaluation.values())
     row_worst = sum(e["row_worst_seconds"] for e in evaluation.values())
     print(f"one row of R: {row_ref:.1f} s (answers stopped at the reference length + end-of-turn), {row_worst:.1f} s "

@@ -201,8 +201,10 @@ part_paper_run() {
     else
         # Selection and training timed on task1310 (mean 191 tokens; task195 111 ... task224 520), the other tasks
         # extrapolated from it by tokens: task224's 21 x 250 alone would take about half the part's time.
+        # --eval-batches 0: a whole row of R at reference-length answers (2,807 prompts, 177 batches of 16), 2 batches per task at
+        # 128 new tokens.
         $PY bench/bench_paper_run.py --arch qwen3-8b --task task1310_amazonreview_rating_classification \
-            --out "$PART_DIR"
+            --eval-batches 0 --worst-batches 2 --out "$PART_DIR"
     fi
 }
 
