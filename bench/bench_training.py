@@ -61,7 +61,6 @@ from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training
 VARIANTS = ("today", "ours", "ours-ckpt")  # + "ours-ckpt-flash": flash_attention_2 (varlen layout), when installed
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Profiles: the (prompt, response) token counts of each task's first global batch.
 

@@ -121,6 +121,18 @@ random_model() {  # a random-weight model directory of a real architecture ($1),
     echo "$dir"
 }
 
+kernel_headline() {  # the largest head and row count of a bench_kernel.py CSV: each provider's ms (TF/s)
+    $PY - "$1" <<'PYEOF'
+import csv, sys
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["status"] == "ok" and r["ms"]]
+if rows:
+    top = max(rows, key=lambda r: (int(r["V"]) * int(r["H"]), int(r["R"])))
+    same = [r for r in rows if (r["head"], r["R"]) == (top["head"], top["R"])]
+    print(f"HEADLINE: {top['head']} R={top['R']}: " + ", ".join(
+        f"{r['provider']} {float(r['ms']):.2f} ms ({float(r['tflops_useful']):.0f} TF/s)" for r in same))
+PYEOF
+}
+
 part_gpu_tests() {
     TRITON_INTERPRET=$([ -n "$DRYRUN" ] && echo 1 || echo 0) $PY -m pytest -q -p no:cacheprovider \
         tests/test_kernel_cuda.py tests/test_fused_ops.py tests/test_attention_flex.py
@@ -134,7 +146,7 @@ part_kernel() {
         $PY bench/bench_kernel.py --heads smollm2-135m,qwen3-0.6b,qwen3-8b --rows 2048,16384 --fractions 1.0 \
             --providers torch_chunked,liger_flce,cce,ours_triton,mm_ceiling --out "$PART_DIR/kernel.csv"
     fi
-    $PY -c "import csv,sys; rows=[r for r in csv.DictReader(open(sys.argv[1]))]; print('HEADLINE: kernel:', len(rows), 'rows timed')" "$PART_DIR/kernel.csv"
+    kernel_headline "$PART_DIR/kernel.csv"
 }
 
 part_tune() {
@@ -146,6 +158,7 @@ part_tune() {
             --providers ours_triton,mm_ceiling --ours-configs "two_warpgroups_128regs|one_warpgroup" \
             --out "$PART_DIR/tune.csv"
     fi
+    kernel_headline "$PART_DIR/tune.csv"
 }
 
 part_scoring() {
@@ -216,7 +229,7 @@ for part in $selected; do
     echo "== part $part (timeout ${limit} s) ==" | tee -a "$LOG"
     start=$(date +%s)
     : > "$PART_DIR/output.log"
-    timeout --kill-after=10 "$limit" bash -c "$(declare -f random_model part_"$part"); PART_DIR='$PART_DIR' part_$part" \
+    timeout --kill-after=10 "$limit" bash -c "$(declare -f random_model kernel_headline part_"$part"); PART_DIR='$PART_DIR' part_$part" \
         > "$PART_DIR/output.log" 2>&1 &
     pid=$!
     tail -n +1 -f --pid=$pid "$PART_DIR/output.log" | tee -a "$LOG"
