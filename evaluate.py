@@ -33,6 +33,10 @@ Scores (x100, averaged over instances):
   tokenizer keeps only [a-z0-9], so Chinese would score 0: for lang != "en" every CJK character is one token and other
   words are runs of letters/digits (lang="auto" picks "zh" when the references hold CJK characters).
 - Exact match: lower-cased, punctuation removed, whitespace collapsed, then equal to any reference.
+- trace: TRACE's own score of a TRACE task (tasks/trace_metrics.py): accuracy for C-STANCE, FOMC, ScienceQA (its
+  answer letter) and NumGLUE, Py150's edit similarity (fuzzywuzzy's ratio after TRACE's post-processing), MeetingBank's
+  ROUGE-L (the `rouge` package, as TRACE calls it). A task without a TRACE definition has none; R.json holds a
+  "trace" matrix when every task of the run has one, and the reports then use it by default (--metric picks another).
 
 The score matrix R has N+1 rows and N columns: row 0 = zero-shot, row i = scores on every task after training task i
 (1-based task numbers below; R[i][j] is row i, task j). n = the last row given (a partial run has fewer rows):
@@ -71,10 +75,12 @@ import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import write_text_atomic
-from tasks.prompts import HAN_CHARACTERS, encode_generation_prompt, pad_batch, render_prompt, render_response
+from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
+    render_response
+from tasks.trace_metrics import trace_metric, trace_score
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
-SCORES = ("rougeL", "exact_match")
+SCORES = ("rougeL", "exact_match", "trace")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -103,7 +109,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 @torch.no_grad()  # not inference_mode: buffers a module creates lazily here must stay usable when training resumes
 def generate_answers(model, tokenizer, task, instruction, instances, accelerator, *, batch_size=None,
-                     max_new_tokens=128, max_prompt_tokens=1536, progress=True, token_budget="auto",
+                     max_new_tokens=128, max_prompt_tokens=MAX_SOURCE_LENGTH, progress=True, token_budget="auto",
                      compile=False, engine=None, fold=True) -> list[str]:
     """Greedy answers to `instances` (same order), prompted with `instruction` and the task's suffix.
 
@@ -235,11 +241,12 @@ def score_lang(instances) -> str:
 
 
 def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
-                  max_new_tokens=128, max_prompt_tokens=1536, predictions_path=None, lang="en", progress=True,
-                  **generation) -> dict:
-    """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`.
-    Every process returns the same dict; the predictions JSONL is written by the main process. `generation`:
-    generate_answers' token_budget, compile, engine, fold."""
+                  max_new_tokens=128, max_prompt_tokens=MAX_SOURCE_LENGTH, predictions_path=None, lang="en",
+                  progress=True, **generation) -> dict:
+    """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`, plus
+    "trace" and "trace_metric" for a task TRACE scores its own way. Every process returns the same dict; the
+    predictions JSONL is written by the main process. `generation`: generate_answers' token_budget, compile, engine,
+    fold."""
     instances = task.split(split)
     if max_instances is not None:
         if max_instances < 1:
@@ -253,11 +260,14 @@ def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="te
     records = [{"input": inst.input, "references": list(inst.outputs), "prediction": answer,
                 "rougeL": rouge_l(answer, inst.outputs, lang), "exact_match": exact_match(answer, inst.outputs)}
                for inst, answer in zip(instances, answers)]
+    metric = trace_metric(task.name)
+    if metric is not None:
+        for record in records:
+            record["trace"] = trace_score(task.name, record["prediction"], record["references"])
     if predictions_path is not None and accelerator.is_main_process:
         write_text_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return {"rougeL": sum(r["rougeL"] for r in records) / len(records),
-            "exact_match": sum(r["exact_match"] for r in records) / len(records),
-            "num_instances": len(records)}
+    scores = {score: sum(r[score] for r in records) / len(records) for score in SCORES if score in records[0]}
+    return {**scores, **({"trace_metric": metric} if metric else {}), "num_instances": len(records)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -384,26 +394,36 @@ def plot_heatmap(R, tasks, labels, path, title):
     plt.close(fig)
 
 
+def default_metric(run: dict) -> str:
+    """The score a run is reported on when none is asked for: TRACE's own when R.json has it (every task of the run
+    has a TRACE definition), else ROUGE-L."""
+    return "trace" if "trace" in run else "rougeL"
+
+
 def _run_and_metrics(run_dir, metric) -> tuple[dict, dict]:
     run = read_run(run_dir)
+    metric = metric or default_metric(run)
     if metric not in run:
         present = ", ".join(s for s in SCORES if s in run)
-        raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present})")
+        why = "; TRACE's own scores are kept when every task of the run is a TRACE task" if metric == "trace" else ""
+        raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present}){why}")
     metrics = {"metric": metric, **cl_metrics(run[metric]), "tasks": run["tasks"],
                "other": {s: cl_metrics(run[s]) for s in SCORES if s in run and s != metric}}
     return run, metrics
 
 
-def report_metrics(run_dir, metric="rougeL") -> dict:
-    """The metrics of run_dir/R.json on `metric` (plus the tasks and the other scores' metrics under "other"), as
-    write_report returns them. Reads only: a run that is reported on or compared is never modified."""
+def report_metrics(run_dir, metric=None) -> dict:
+    """The metrics of run_dir/R.json on `metric` (None: default_metric), plus the tasks and the other scores' metrics
+    under "other", as write_report returns them. Reads only: a run that is reported on or compared is never modified."""
     return _run_and_metrics(run_dir, metric)[1]
 
 
-def write_report(run_dir, metric="rougeL") -> dict:
-    """Read run_dir/R.json; write metrics.json, R.csv (`metric`), R_<score>.csv (other scores) and R.png.
+def write_report(run_dir, metric=None) -> dict:
+    """Read run_dir/R.json; write metrics.json, R.csv (`metric`, None: default_metric), R_<score>.csv (other scores)
+    and R.png.
     Returns the metrics of `metric` (plus the tasks and the other scores' metrics under "other")."""
     run, metrics = _run_and_metrics(run_dir, metric)
+    metric = metrics["metric"]
     R, tasks, labels = run[metric], run["tasks"], run["rows"]
     run_dir = Path(run_dir)
     try:
@@ -442,7 +462,9 @@ def parse_args(argv=None):
     report = p.add_argument_group("report a run (reads RUN_DIR/R.json)")
     report.add_argument("run_dir", nargs="?", help="a run directory holding R.json")
     report.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="several runs side by side")
-    report.add_argument("--metric", default="rougeL", choices=SCORES, help="the score the metrics are computed on")
+    report.add_argument("--metric", default=None, choices=SCORES,
+                        help="the score the metrics are computed on (default: trace when R.json has it, i.e. "
+                             "every task is a TRACE task, else rougeL)")
     report.add_argument("--write", action="store_true",
                         help="also write metrics.json, R.csv, R_<score>.csv and R.png into each run directory "
                              "(without it, reporting and comparing only read)")
@@ -473,7 +495,8 @@ def parse_args(argv=None):
     run.add_argument("--served-model", help="--engine openai: the model or LoRA name the server serves")
     run.add_argument("--api-timeout", type=float, default=600.0, help="--engine openai: seconds per request")
     run.add_argument("--max-new-tokens", type=int, default=128)
-    run.add_argument("--max-prompt-tokens", type=int, default=1536)
+    run.add_argument("--max-prompt-tokens", type=int, default=MAX_SOURCE_LENGTH,
+                     help="longer prompts have their input text shortened (default: %(default)s, as training)")
     run.add_argument("--lang", default="auto", choices=("auto", "en", "zh"), help="ROUGE tokenization per task")
     run.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="base weights' dtype; auto: bf16 on a GPU that supports it, else fp32 (LoRA weights stay fp32)")
@@ -511,14 +534,18 @@ def report_main(args):
             reports[name if names.count(name) == 1 else d] = report(d, args.metric)
         if len({tuple(r["tasks"]) for r in reports.values()}) > 1:
             print("note: the runs do not have the same task sequence")
-        print(f"metrics on {args.metric}\n\n{compare_table(reports)}")
+        used = list(dict.fromkeys(r["metric"] for r in reports.values()))
+        if len(used) > 1:
+            which = ", ".join(f"{name}: {r['metric']}" for name, r in reports.items())
+            print(f"note: the runs are reported on different scores ({which}); --metric picks one for all")
+        print(f"metrics on {', '.join(used)}\n\n{compare_table(reports)}")
         if args.write:
-            print(f"\nwrote the report files of {args.metric} into {', '.join(args.compare)}")
+            print(f"\nwrote the report files of {', '.join(used)} into {', '.join(args.compare)}")
         return reports
     run = read_run(args.run_dir)
     metrics = report(args.run_dir, args.metric)
-    print(f"{args.run_dir}: {args.metric}, {metrics['progress']['note']}\n")
-    print(markdown_table(run[args.metric], run["tasks"]) + "\n")
+    print(f"{args.run_dir}: {metrics['metric']}, {metrics['progress']['note']}\n")
+    print(markdown_table(run[metrics["metric"]], run["tasks"]) + "\n")
     for m in METRICS:
         print(f"{m:9s}{_fmt(metrics[m], 2):>8s}   rows {metrics['rows_used'][m]}")
     if args.write:
@@ -608,12 +635,16 @@ def run_main(args):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         results.append({"task": task.name, "instruction": instruction, "instruction_source": source, **scores})
-        accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}  "
-                          f"({scores['num_instances']} instances)")
+        trace = f"  trace {scores['trace']:.2f} ({scores['trace_metric']})" if "trace" in scores else ""
+        accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}"
+                          f"{trace}  ({scores['num_instances']} instances)")
 
-    accelerator.print("\n| task | rougeL | exact_match | instances |\n|---|---|---|---|")
+    # A score is a column (and a list in scores.json) when every task has it: TRACE's only for TRACE tasks.
+    columns = [score for score in SCORES if all(score in r for r in results)]
+    accelerator.print("\n| task | " + " | ".join(columns) + " | instances |\n" + "|---" * (len(columns) + 2) + "|")
     for r in results:
-        accelerator.print(f"| {r['task']} | {r['rougeL']:.2f} | {r['exact_match']:.2f} | {r['num_instances']} |")
+        cells = " | ".join(f"{r[c]:.2f}" for c in columns)
+        accelerator.print(f"| {r['task']} | {cells} | {r['num_instances']} |")
     if staging is not None:
         for file in sorted((staging / "predictions").iterdir()):
             write_text_atomic(Path(args.output_dir) / "predictions" / file.name, file.read_text(encoding="utf-8"))
@@ -622,8 +653,7 @@ def run_main(args):
         summary = {"model": args.model, "split": args.split,
                    **({"engine": "openai", "api_base": args.api_base, "served_model": args.served_model}
                       if engine is not None else {}), "max_instances": args.max_instances,
-                   "tasks": [r["task"] for r in results],
-                   "rougeL": [r["rougeL"] for r in results], "exact_match": [r["exact_match"] for r in results],
+                   "tasks": [r["task"] for r in results], **{c: [r[c] for r in results] for c in columns},
                    "results": results}
         write_text_atomic(Path(args.output_dir) / "scores.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")
