@@ -56,11 +56,12 @@ import re
 import string
 import unicodedata
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
-from tasks.loaders import write_text_atomic
+from tasks.loaders import strict_json, write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, encode_generation_prompt, pad_batch, render_prompt, render_response
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
@@ -207,8 +208,17 @@ def score_lang(instances) -> str:
 # One task
 
 
+class TaskScores(TypedDict):
+    """What evaluate_task returns for one task (a row's entry in scores.json)."""
+
+    rougeL: float
+    exact_match: float
+    num_instances: int
+
+
 def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
-                  max_new_tokens=128, max_prompt_tokens=1536, predictions_path=None, lang="en", progress=True) -> dict:
+                  max_new_tokens=128, max_prompt_tokens=1536, predictions_path=None, lang="en",
+                  progress=True) -> TaskScores:
     """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`.
     Every process returns the same dict; the predictions JSONL is written by the main process."""
     instances = task.split(split)
@@ -224,7 +234,7 @@ def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="te
                 "rougeL": rouge_l(answer, inst.outputs, lang), "exact_match": exact_match(answer, inst.outputs)}
                for inst, answer in zip(instances, answers)]
     if predictions_path is not None and accelerator.is_main_process:
-        write_text_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(predictions_path, "".join(strict_json(r, predictions_path) + "\n" for r in records))
     return {"rougeL": sum(r["rougeL"] for r in records) / len(records),
             "exact_match": sum(r["exact_match"] for r in records) / len(records),
             "num_instances": len(records)}
@@ -377,7 +387,7 @@ def write_report(run_dir, metric="rougeL") -> dict:
     R, tasks, labels = run[metric], run["tasks"], run["rows"]
     run_dir = Path(run_dir)
     try:
-        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(run_dir / "metrics.json", strict_json(metrics, run_dir / "metrics.json", 2) + "\n")
         write_text_atomic(run_dir / "R.csv", _csv(labels, tasks, R))
         for s in metrics["other"]:
             write_text_atomic(run_dir / f"R_{s}.csv", _csv(labels, tasks, run[s]))
@@ -552,7 +562,8 @@ def run_main(args):
                    "tasks": [r["task"] for r in results],
                    "rougeL": [r["rougeL"] for r in results], "exact_match": [r["exact_match"] for r in results],
                    "results": results}
-        write_text_atomic(Path(args.output_dir) / "scores.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        summary_path = Path(args.output_dir) / "scores.json"
+        write_text_atomic(summary_path, strict_json(summary, summary_path, 2) + "\n")
         accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")
     accelerator.wait_for_everyone()
     return results

@@ -45,12 +45,12 @@ from tasks.candidates import select_index
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
 from tasks.launch import check_launch
-from tasks.loaders import read_json, write_json
+from tasks.loaders import write_json
 from tasks.pools import PoolSource
 from tasks.prompts import encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
-from tasks.score_cache import model_state_id, score_key
+from tasks.score_cache import model_state_id, read_score_cache, score_key
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
@@ -191,7 +191,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
     # 1. What is cached already. Every process must skip the same candidates: the main process's view decides.
     task_hash, inst_hash = task.content_hash(), instances_hash(list(instances))
     keys = [score_key(state_id, task_hash, c, inst_hash, max_length) for c in candidates]
-    cache = read_json(cache_path, default={}) if cache_path and is_main else {}
+    cache = read_score_cache(cache_path) if cache_path and is_main else {}
     if world > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -257,7 +257,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
                     results[c] = CandidateScore.from_sums(c, candidates[c], sums[c], counts[c], seconds[c])
                 if finished and cache_path and is_main:
                     # Merge into what is on disk now (another run may have added entries) and replace atomically.
-                    cache = read_json(cache_path, default={})
+                    cache = read_score_cache(cache_path)
                     for c in finished:
                         cache[keys[c]] = {"task": task.name, "instruction": candidates[c], "state_id": state_id,
                                           "instance_sums": sums[c], "instance_counts": counts[c],
@@ -271,7 +271,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
         raise RuntimeError(f"{len(encoded) - len(seen)} sequences were not scored")
 
     ordered = [results[c] for c in range(len(candidates))]
-    selected = select_index([r.score for r in ordered])
+    selected = select_index([r.score for r in ordered], task.name)
     tokens = sum(r.num_tokens for r in ordered)
     return Selection(task=task.name, method="sapo", selected=selected, instruction=candidates[selected],
                      candidates=ordered, num_instances=len(instances), seconds=time.perf_counter() - t0,

@@ -34,12 +34,15 @@ NAMED_SEQUENCES = {
 _REQUIRED = object()
 
 
-def read_json(path, default=_REQUIRED) -> object:
-    """json.load with a one-line error naming the file (and the position for malformed JSON).
+def read_json(path, default=_REQUIRED, advice: str = "") -> object:
+    """json.load with a one-line error naming the file (and the position for malformed JSON), ending in `advice`
+    (what to do about a damaged run file) when given.
 
     The project's one JSON reader: a missing file is an error unless a `default` is given (run files and caches
     that are not written yet); a damaged file is always an error, never silently ignored or recomputed over.
+    Records read back are then checked for shape by tasks.records (with the same advice).
     """
+    advice = f"; {advice}" if advice else ""
     path = Path(path)
     if not path.exists():
         if default is not _REQUIRED:
@@ -49,9 +52,9 @@ def read_json(path, default=_REQUIRED) -> object:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise SapoError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise SapoError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}{advice}") from None
     except UnicodeDecodeError as e:
-        raise SapoError(f"{path} is not UTF-8 text: {e.reason}") from None
+        raise SapoError(f"{path} is not UTF-8 text: {e.reason}{advice}") from None
 
 
 def write_text_atomic(path, text: str):
@@ -70,9 +73,33 @@ def write_text_atomic(path, text: str):
         raise
 
 
+def non_finite_at(obj, where: str = "") -> str | None:
+    """Where the first NaN or infinity inside `obj` is (a key path such as scores.task1.rougeL), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where or 'the value'} = {obj}"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = non_finite_at(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
+def strict_json(obj, where, indent: int | None = None) -> str:
+    """json.dumps, strict: NaN and Infinity are not JSON (Python writes them, strict readers refuse them). A
+    non-finite number is an error naming `where` (the file) and the key, never written."""
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        found = non_finite_at(obj)
+        if found is None:
+            raise
+        raise SapoError(f"refusing to write {found} into {where}: a non-finite number is not JSON") from None
+
+
 def write_json(path, obj, indent: int = 2):
-    """JSON to `path`, atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """Strict JSON to `path`, atomically."""
+    write_text_atomic(path, strict_json(obj, path, indent) + "\n")
 
 
 def _check_dir(data_dir) -> Path:

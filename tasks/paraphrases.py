@@ -11,14 +11,31 @@ import hashlib
 import json
 import os
 import re
+from typing import TypedDict
 
 import torch
 
 from tasks.candidates import candidate_problem, filter_candidates, required_label_words
 from tasks.errors import SapoError
-from tasks.loaders import read_json, write_json
+from tasks.loaders import write_json
+from tasks.records import read_record
 
 PARAPHRASE_VERSION = "sapo-paraphrase-v1"
+
+
+class ParaphraseEntry(TypedDict):
+    """paraphrases.json: one cached generation (key: the task's content and the paraphraser)."""
+
+    task: str
+    paraphraser: str
+    temperature: float
+    seed: int
+    paraphrases: list[str]
+
+
+def read_paraphrase_cache(path) -> dict[str, ParaphraseEntry]:
+    return read_record(path, dict[str, ParaphraseEntry], default={},
+                       advice="delete it to generate the paraphrases again")
 
 
 def meta_prompt(task) -> str:
@@ -123,7 +140,7 @@ def generate_paraphrases(task, k, model, tokenizer, *, temperature=0.6, max_trie
     who = paraphraser_id or api_model or getattr(getattr(model, "config", None), "_name_or_path", "") or "local"
     key = hashlib.sha256(json.dumps([PARAPHRASE_VERSION, task.name, task.instruction, list(task.label_words),
                                      who, temperature, seed]).encode()).hexdigest()[:24]
-    cache = read_json(cache_path, default={}) if cache_path else {}
+    cache = read_paraphrase_cache(cache_path) if cache_path else {}
     stored = cache.get(key, {}).get("paraphrases", [])
     pool, _ = filter_candidates(task, list(stored))
     prompt = meta_prompt(task)
@@ -147,7 +164,7 @@ def generate_paraphrases(task, k, model, tokenizer, *, temperature=0.6, max_trie
         rejected += bad
     paraphrases = pool[1:k + 1]
     if cache_path and paraphrases:
-        cache = read_json(cache_path, default={})
+        cache = read_paraphrase_cache(cache_path)
         cache[key] = {"task": task.name, "paraphraser": who, "temperature": temperature, "seed": seed,
                       "paraphrases": pool[1:]}
         write_json(cache_path, cache)
