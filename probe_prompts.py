@@ -462,6 +462,7 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
         if state is None:
             model = load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device))
             train_sapo.check_lora_targets(model, config.lora_targets)
+            train_sapo.check_model_context(model, config)
             state = train_sapo.ModelState(model=model.to(accelerator.device))
             train_s1(run, state, t1, pair_dir)
         return state

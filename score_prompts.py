@@ -52,6 +52,7 @@ from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, read_score_cache, score_key
 
+DEFAULT_MAX_LENGTH = 2048  # --max-length without the flag (or the model's context, when shorter)
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
 SCORE_RANGES = {**POOL_RANGES, "instances": Range(1), "token_budget": Range(1), "max_length": Range(1),
@@ -382,7 +383,11 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="score cache JSON; default: score_cache.json next to --output")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--token-budget", type=int, default=16384, help="padded tokens per forward batch")
-    p.add_argument("--max-length", type=int, default=2048, help="longer sequences shorten their input text")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longer sequences shorten their input text (default: 2048, or the model's context if shorter)")
+    p.add_argument("--allow-beyond-context", action="store_true",
+                   help="allow --max-length beyond the model's max_position_embeddings (a model with context "
+                        "extension)")
     p.add_argument("--row-tokens", type=int, default=None, help="width of a packed row (default: from the model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="base weights (LoRA weights stay fp32; the NLL is summed in fp32): auto = bf16 on a CUDA GPU "
@@ -439,7 +444,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     from tasks.loaders import load_task
-    from tasks.models import load_model, load_tokenizer, resolve, resolve_dtype
+    from tasks.models import check_context, load_model, load_tokenizer, model_context, resolve, resolve_dtype
 
     # Data and candidates first: bad input fails in a second, before any model is loaded.
     task = load_task(args.task, args.data_dir, seed=args.seed, n_train=max(1000, args.instances))
@@ -465,6 +470,10 @@ def main(argv=None):
     state_id = model_state_id(base, adapters) + ("" if dtype == torch.float32 else f"|{dtype}")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype).to(accelerator.device).eval()
+    if args.max_length is None:
+        context = model_context(model)
+        args.max_length = min(DEFAULT_MAX_LENGTH, context[1]) if context else DEFAULT_MAX_LENGTH
+    check_context(model, [("--max-length", args.max_length)], args.allow_beyond_context, args.model or "")
     if len(instances) < args.instances:
         accelerator.print(f"note: task {task.name} has {len(instances)} {args.split} instances (< {args.instances})")
     paraphrase_cache = args.paraphrase_cache or (str(out_dir / "paraphrases.json") if out_dir else None)

@@ -39,8 +39,8 @@ from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
 from tasks.launch import check_launch
 from tasks.loaders import load_sequence, load_task, read_json, strict_json, write_json
-from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
-    resolve, resolve_dtype, stack_adapters
+from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, check_context, load_model, \
+    load_tokenizer, resolve, resolve_dtype, stack_adapters
 from tasks.pools import PoolSource
 from tasks.records import from_record, read_record
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
@@ -103,6 +103,7 @@ class Config:
     report_to: str | None = None  # an accelerate tracker (tensorboard, wandb) when installed
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 of the base weights (LoRA weights stay fp32; scoring sums in fp32)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory, more time)
+    allow_beyond_context: bool = False  # allow length limits beyond the model's max_position_embeddings (extended)
     micro_batch_tokens: int | None = None  # fill each forward up to N tokens, padding included (None: by count)
 
     def pool_source(self) -> PoolSource:
@@ -133,7 +134,8 @@ PRESETS = {
 # Fields that do not change results: a rerun may change them without being refused. The run directory's own path is
 # one of them: a moved or copied run resumes.
 RESUME_FREE = {"report_to", "eval_batch_size", "score_token_budget", "checkpoint_every", "output_dir", "preset",
-               "gradient_checkpointing"}  # recomputes the same activations (RNG state kept): same gradients
+               "gradient_checkpointing",  # recomputes the same activations (RNG state kept): same gradients
+               "allow_beyond_context"}  # only lets a run start: a run that started has the same results
 # Paths of the inputs: compared by what they hold (tasks.run_dir.RunKey: each task's data, each pool, the model's
 # files), not by how they are spelled, so a relative path, a moved data dir or a copied candidates file resume.
 INPUT_PATHS = {"model", "sequence", "data_dir", "candidates"}
@@ -183,6 +185,14 @@ def check_lora_targets(model, lora_targets: str):
                            if isinstance(m, torch.nn.Linear) and "." in n})
         raise SapoError(f"--lora-targets: the model has no module named {', '.join(missing)} (its linear layers: "
                         f"{', '.join(suffixes)})")
+
+
+def check_model_context(model, config: Config):
+    """The length limits against the model's context (tasks.models.check_context), as soon as its config is read."""
+    check_context(model, [("--max-source-length + --max-target-length",
+                           config.max_source_length + config.max_target_length),
+                          ("--max-source-length + --max-new-tokens", config.max_source_length + config.max_new_tokens)],
+                  config.allow_beyond_context, config.model)
 
 
 def check_batch_split(config: Config, world: int):
@@ -1002,6 +1012,7 @@ def main(argv=None):
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
         accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
     check_lora_targets(state.model, config.lora_targets)
+    check_model_context(state.model, config)
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
     originals = {t.name: t.instruction for t in tasks}

@@ -26,8 +26,12 @@ def required_label_words(task: Task) -> list[str]:
 
 def candidate_problem(task: Task, text: str) -> str | None:
     """Why `text` is not a valid candidate for `task`, or None when it is."""
+    from tasks.loaders import encoding_problem
+
     if not isinstance(text, str) or not text.strip():
         return "is empty"
+    if encoding_problem(text):
+        return encoding_problem(text)
     n, n0 = len(text), len(task.instruction)
     if not MIN_RATIO * n0 <= n <= max(MAX_RATIO * n0, 200):
         return f"has {n} characters, outside {int(MIN_RATIO * n0)}..{int(max(MAX_RATIO * n0, 200))} for this task"

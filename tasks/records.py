@@ -81,7 +81,7 @@ def _convert(value, tp, path: str, undefined_floats: bool):
             raise ShapeError(f"{path} must be an object, got {_json_type(value)}")
         hints = _hints(tp)
         unknown = [k for k in value if k not in hints]
-        missing = [k for k in tp.__required_keys__ if k not in value]
+        missing = [k for k in hints if k in tp.__required_keys__ and k not in value]  # in declaration order
         if unknown or missing:
             raise ShapeError(f"unexpected key {_key(path, unknown[0])}" if unknown else
                              f"missing key {_key(path, missing[0])}")
