@@ -566,7 +566,8 @@ def check_checkpoint_keys(model, checkpoint: Path):
 
     with safe_open(str(saved_file), framework="pt") as f:
         saved = set(f.keys())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    net = getattr(model, "module", model)  # under DDP the names gain "module.", which the saved ones do not have
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     if trainable and not trainable & saved:
         raise SapoError(f"{saved_file} holds none of the weights being trained (written by another version of "
                         f"train_sapo.py?); delete {checkpoint} to train this task again from its start")

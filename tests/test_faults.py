@@ -381,6 +381,55 @@ def test_sigterm_in_training_then_resume_equals_an_uninterrupted_run(model_dir, 
     assert log(stopped) == log(whole)
 
 
+def wait_for_checkpoint(process, step_file: Path, step: int):
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(step_file.read_text()).get("step", 0) >= step:
+                return
+        except (OSError, ValueError):  # not written yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of step {step} while training ran (exit {process.poll()})")
+
+
+def test_sigterm_to_a_two_process_launch_stops_both_and_the_resume_equals_an_uninterrupted_run(model_dir, tmp_path):
+    """torchrun passes SIGTERM on to every process it launched: each prints the line, the checkpoint stays, and the
+    same 2-process command resumes to the adapter an uninterrupted 2-process run trains (before this change the
+    resume was refused: the checkpoint's weight names were compared with DDP's "module."-prefixed ones)."""
+    from safetensors.torch import load_file
+
+    data = write_sapo_dir(tmp_path / "data")
+    script = tmp_path / "slow_train_sapo.py"
+    script.write_text(SLOW_TRAINING)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29541"]
+    extra = ("--global-batch-size", "2", "--micro-batch-size", "1", "--epochs", "2", "--checkpoint-every", "1")
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    process = subprocess.Popen([*launch, str(script), *toy_args(model_dir, data, stopped, *extra)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(process, stopped / TASK_DIR / "checkpoint" / "sapo_step.json", 2)
+        process.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler does
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert err.count("interrupted: rerun the same command to resume") == 2  # one line from each process
+    assert not (stopped / TASK_DIR / "adapter").exists()
+    runs = {}
+    for out in (stopped, whole):  # the same command resumes; then an uninterrupted run
+        runs[out] = subprocess.run([*launch, "train_sapo.py", *toy_args(model_dir, data, out, *extra)], cwd=REPO,
+                                   env=env, capture_output=True, text=True, timeout=600)
+        assert runs[out].returncode == 0, runs[out].stderr[-3000:]
+    assert f"resuming training of {TASK_DIR} at step" in runs[stopped].stdout
+    a = load_file(str(stopped / TASK_DIR / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(whole / TASK_DIR / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (stopped / TASK_DIR / "train_log.jsonl").read_text() == (whole / TASK_DIR / "train_log.jsonl").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. A GGUF file as --model: loaded (converted once); any other file is one line.
 
