@@ -133,12 +133,14 @@ class Selection:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Selection":
+    def from_json(cls, data: dict, where="the selection") -> "Selection":
+        """The Selection's fields of `data` (a record may hold more, as selection.json does), checked for shape by
+        tasks.records: a damaged one is one line naming `where`."""
+        from tasks.records import from_record
+
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        values["candidates"] = [CandidateScore(**c) for c in values["candidates"]]
-        values["rounds"] = [RaceRound(**r) for r in values.get("rounds", [])]
-        return cls(**values)
+        return from_record(cls, {k: v for k, v in data.items() if k in names} if isinstance(data, dict) else data,
+                           where)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
