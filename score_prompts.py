@@ -47,12 +47,11 @@ from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
 from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import write_json
 from tasks.pools import PoolSource
-from tasks.prompts import encode_task_example
+from tasks.prompts import MAX_LENGTH, encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, read_score_cache, score_key
 
-DEFAULT_MAX_LENGTH = 2048  # --max-length without the flag (or the model's context, when shorter)
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
 SCORE_RANGES = {**POOL_RANGES, "instances": Range(1), "token_budget": Range(1), "max_length": Range(1),
@@ -149,7 +148,7 @@ class Selection:
 
 
 @torch.no_grad()
-def reference_score(model, tokenizer, task, instruction: str, instances, max_length=2048) -> CandidateScore:
+def reference_score(model, tokenizer, task, instruction: str, instances, max_length=MAX_LENGTH) -> CandidateScore:
     """The score of one candidate by the plainest route: one unpadded HF forward with `labels` per instance (HF
     shifts the labels and averages the NLL of the unmasked ones), times that instance's response-token count. Slow;
     for tests and benchmarks, which compare score_candidates with it."""
@@ -169,7 +168,7 @@ def reference_score(model, tokenizer, task, instruction: str, instances, max_len
 
 
 def score_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None, *,
-                     token_budget=16384, max_length=2048, cache_path=None, state_id="", progress=True,
+                     token_budget=16384, max_length=MAX_LENGTH, cache_path=None, state_id="", progress=True,
                      row_tokens=None) -> Selection:
     """Score every candidate instruction on every one of `instances` with `model` (a causal LM, adapters inside).
 
@@ -291,8 +290,8 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
 
 
 def race_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None, *, first=8,
-                    growth=2.0, confidence=0.95, token_budget=16384, max_length=2048, cache_path=None, state_id="",
-                    progress=True, row_tokens=None) -> Selection:
+                    growth=2.0, confidence=0.95, token_budget=16384, max_length=MAX_LENGTH, cache_path=None,
+                    state_id="", progress=True, row_tokens=None) -> Selection:
     """Select like score_candidates, scoring only the candidates that can still be the best (tasks.racing).
 
     Each round calls score_candidates for the survivors on the new slice of `instances` (exact, the same with any
@@ -381,12 +380,16 @@ def parse_args(argv=None):
                                                        "model), or the model name for --paraphrase-api")
     p.add_argument("--paraphrase-api", default=None, metavar="URL", help="OpenAI-compatible chat endpoint")
     p.add_argument("--paraphrase-cache", default=None, help="default: paraphrases.json next to --output")
+    p.add_argument("--meta-prompt", default=None, metavar="FILE",
+                   help="the request for a --generate rewrite: UTF-8 text with {instruction} once (and optionally "
+                        "{label_words}); default: built-in, Chinese for a Chinese instruction, else English")
     p.add_argument("--output", default=None, help="scores JSON (written atomically by the main process)")
     p.add_argument("--cache", default=None, help="score cache JSON; default: score_cache.json next to --output")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--token-budget", type=int, default=16384, help="padded tokens per forward batch")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="longer sequences shorten their input text (default: 2048, or the model's context if shorter)")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                   help="longer sequences shorten their input text (default: %(default)s, training's max source + "
+                        "max target length)")
     p.add_argument("--allow-beyond-context", action="store_true",
                    help="allow --max-length beyond the model's max_position_embeddings (a model with context "
                         "extension)")
@@ -441,12 +444,12 @@ def main(argv=None):
     launch = check_launch("score_prompts.py")
     source = PoolSource(candidates_file=args.candidates, max_candidates=args.max_candidates, generate=args.generate,
                         paraphraser=args.paraphraser, paraphrase_api=args.paraphrase_api,
-                        temperature=args.temperature, seed=args.seed)
+                        temperature=args.temperature, seed=args.seed, meta_prompt=args.meta_prompt)
     source.check()
     from accelerate import Accelerator
 
     from tasks.loaders import load_task
-    from tasks.models import check_context, load_model, load_tokenizer, model_context, resolve, resolve_dtype
+    from tasks.models import check_context, load_model, load_tokenizer, resolve, resolve_dtype
 
     # Data and candidates first: bad input fails in a second, before any model is loaded.
     task = load_task(args.task, args.data_dir, seed=args.seed, n_train=max(1000, args.instances))
@@ -473,9 +476,6 @@ def main(argv=None):
     state_id = model_state_id(base, adapters) + ("" if dtype == torch.float32 else f"|{dtype}")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype).to(accelerator.device).eval()
-    if args.max_length is None:
-        context = model_context(model)
-        args.max_length = min(DEFAULT_MAX_LENGTH, context[1]) if context else DEFAULT_MAX_LENGTH
     check_context(model, [("--max-length", args.max_length)], args.allow_beyond_context, args.model or "")
     if len(instances) < args.instances:
         accelerator.print(f"note: task {task.name} has {len(instances)} {args.split} instances (< {args.instances})")
