@@ -70,11 +70,12 @@ import string
 import tempfile
 import unicodedata
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
-from tasks.loaders import write_text_atomic
+from tasks.loaders import strict_json, write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
     render_response
 from tasks.trace_metrics import trace_metric, trace_score
@@ -240,9 +241,22 @@ def score_lang(instances) -> str:
 # One task
 
 
+class _TaskScoresKeys(TypedDict):
+    rougeL: float
+    exact_match: float
+    num_instances: int
+
+
+class TaskScores(_TaskScoresKeys, total=False):
+    """What evaluate_task returns for one task (a row's entry in scores.json); TRACE's own score for its tasks."""
+
+    trace: float
+    trace_metric: str
+
+
 def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
                   max_new_tokens=128, max_prompt_tokens=MAX_SOURCE_LENGTH, predictions_path=None, lang="en",
-                  progress=True, **generation) -> dict:
+                  progress=True, **generation) -> TaskScores:
     """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`, plus
     "trace" and "trace_metric" for a task TRACE scores its own way. Every process returns the same dict; the
     predictions JSONL is written by the main process. `generation`: generate_answers' token_budget, compile, engine,
@@ -265,7 +279,7 @@ def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="te
         for record in records:
             record["trace"] = trace_score(task.name, record["prediction"], record["references"])
     if predictions_path is not None and accelerator.is_main_process:
-        write_text_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(predictions_path, "".join(strict_json(r, predictions_path) + "\n" for r in records))
     scores = {score: sum(r[score] for r in records) / len(records) for score in SCORES if score in records[0]}
     return {**scores, **({"trace_metric": metric} if metric else {}), "num_instances": len(records)}
 
@@ -427,7 +441,7 @@ def write_report(run_dir, metric=None) -> dict:
     R, tasks, labels = run[metric], run["tasks"], run["rows"]
     run_dir = Path(run_dir)
     try:
-        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(run_dir / "metrics.json", strict_json(metrics, run_dir / "metrics.json", 2) + "\n")
         write_text_atomic(run_dir / "R.csv", _csv(labels, tasks, R))
         for s in metrics["other"]:
             write_text_atomic(run_dir / f"R_{s}.csv", _csv(labels, tasks, run[s]))
@@ -655,7 +669,8 @@ def run_main(args):
                       if engine is not None else {}), "max_instances": args.max_instances,
                    "tasks": [r["task"] for r in results], **{c: [r[c] for r in results] for c in columns},
                    "results": results}
-        write_text_atomic(Path(args.output_dir) / "scores.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        summary_path = Path(args.output_dir) / "scores.json"
+        write_text_atomic(summary_path, strict_json(summary, summary_path, 2) + "\n")
         accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")
     accelerator.wait_for_everyone()
     return results

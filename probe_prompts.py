@@ -48,7 +48,8 @@ from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, pad_batch, render_
 from tasks.errors import exit_after_main
 from tasks.flags import OneLineParser, Range, check_choices, check_ranges
 from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
-from tasks.loaders import read_json, write_json, write_text_atomic
+from tasks.loaders import write_json, write_text_atomic
+from tasks.records import json_safe, read_record
 from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve, resolve_dtype
 from tasks.prompts import encode_task_example
 from tasks.run_dir import pool_hash
@@ -190,6 +191,17 @@ class Conflict:
     cosine_t1: list[float]
     cosine_unseen: list[float]
     unseen_task: str
+
+
+@dataclass
+class StoredIndicators:
+    """indicators.json: a pair's candidate pool and each candidate's indicators (written last: the step is done)."""
+
+    candidates: list[str]
+    indicators: list[Indicators]
+
+
+PAIR_ADVICE = "delete it and the pair's conflict.json and indicators.json to compute them again"
 
 
 @dataclass
@@ -441,7 +453,8 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
     a pair whose files are all on disk does not even load the model."""
     pair_dir = run_dir / f"{t1.name}--{t2.name}"
     run = train_sapo.Run(config, accelerator, [t1, t2, *unseen], pair_dir, tokenizer, *base)
-    stored = read_json(pair_dir / "indicators.json", default=None)
+    stored = read_record(pair_dir / "indicators.json", StoredIndicators, default=None, undefined_floats=True,
+                         advice=PAIR_ADVICE)
     state = None
 
     def s1() -> train_sapo.ModelState:
@@ -449,6 +462,7 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
         if state is None:
             model = load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device))
             train_sapo.check_lora_targets(model, config.lora_targets)
+            train_sapo.check_model_context(model, config)
             state = train_sapo.ModelState(model=model.to(accelerator.device))
             train_s1(run, state, t1, pair_dir)
         return state
@@ -460,18 +474,19 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
             raise SapoError(f"task {t2.name} has {len(pool)} candidate: the study needs a pool of 2 or more")
         indicators, conflict = pre_update_indicators(run, s1(), t1, t2, unseen, pool, pair_dir)
         # indicators.json last: it marks the step done (a kill in between recomputes both).
-        run.save(pair_dir / "conflict.json", [dataclasses.asdict(x) for x in conflict])
-        run.save(pair_dir / "indicators.json", {"candidates": pool,
-                                                "indicators": [dataclasses.asdict(i) for i in indicators]})
+        # Strict JSON: an undefined number (NaN: no unseen task, a constant column) is written as null.
+        run.save(pair_dir / "conflict.json", json_safe([dataclasses.asdict(x) for x in conflict]))
+        run.save(pair_dir / "indicators.json",
+                 json_safe(dataclasses.asdict(StoredIndicators(candidates=pool, indicators=indicators))))
     else:
-        pool = stored["candidates"]
-        indicators = [Indicators(**i) for i in stored["indicators"]]
-        conflict = [Conflict(**x) for x in read_json(pair_dir / "conflict.json")]
+        pool, indicators = stored.candidates, stored.indicators
+        conflict = read_record(pair_dir / "conflict.json", list[Conflict], undefined_floats=True, advice=PAIR_ADVICE)
     scores = []
     for c in range(len(pool)):
-        done = read_json(pair_dir / f"candidate-{c:02d}" / "scores.json", default=None)
+        done = read_record(pair_dir / f"candidate-{c:02d}" / "scores.json", train_sapo.Row, default=None,
+                           advice="delete it to evaluate that candidate again")
         if done is not None:
-            scores.append({task: s["rougeL"] for task, s in done["scores"].items()})
+            scores.append({task: s["rougeL"] for task, s in done.scores.items()})
             continue
         accelerator.print(f"{t1.name}->{t2.name}: candidate {c + 1}/{len(pool)}: {pool[c][:80]!r}")
         state = s1()

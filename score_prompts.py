@@ -45,12 +45,12 @@ from tasks.candidates import select_index
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
 from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
-from tasks.loaders import read_json, write_json
+from tasks.loaders import write_json
 from tasks.pools import PoolSource
 from tasks.prompts import MAX_LENGTH, encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
-from tasks.score_cache import model_state_id, score_key
+from tasks.score_cache import model_state_id, read_score_cache, score_key
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
@@ -132,12 +132,14 @@ class Selection:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Selection":
+    def from_json(cls, data: dict, where="the selection") -> "Selection":
+        """The Selection's fields of `data` (a record may hold more, as selection.json does), checked for shape by
+        tasks.records: a damaged one is one line naming `where`."""
+        from tasks.records import from_record
+
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        values["candidates"] = [CandidateScore(**c) for c in values["candidates"]]
-        values["rounds"] = [RaceRound(**r) for r in values.get("rounds", [])]
-        return cls(**values)
+        return from_record(cls, {k: v for k, v in data.items() if k in names} if isinstance(data, dict) else data,
+                           where)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
     # 1. What is cached already. Every process must skip the same candidates: the main process's view decides.
     task_hash, inst_hash = task.content_hash(), instances_hash(list(instances))
     keys = [score_key(state_id, task_hash, c, inst_hash, max_length) for c in candidates]
-    cache = read_json(cache_path, default={}) if cache_path and is_main else {}
+    cache = read_score_cache(cache_path) if cache_path and is_main else {}
     if world > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -257,7 +259,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
                     results[c] = CandidateScore.from_sums(c, candidates[c], sums[c], counts[c], seconds[c])
                 if finished and cache_path and is_main:
                     # Merge into what is on disk now (another run may have added entries) and replace atomically.
-                    cache = read_json(cache_path, default={})
+                    cache = read_score_cache(cache_path)
                     for c in finished:
                         cache[keys[c]] = {"task": task.name, "instruction": candidates[c], "state_id": state_id,
                                           "instance_sums": sums[c], "instance_counts": counts[c],
@@ -271,7 +273,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
         raise RuntimeError(f"{len(encoded) - len(seen)} sequences were not scored")
 
     ordered = [results[c] for c in range(len(candidates))]
-    selected = select_index([r.score for r in ordered])
+    selected = select_index([r.score for r in ordered], task.name)
     tokens = sum(r.num_tokens for r in ordered)
     return Selection(task=task.name, method="sapo", selected=selected, instruction=candidates[selected],
                      candidates=ordered, num_instances=len(instances), seconds=time.perf_counter() - t0,
@@ -388,6 +390,9 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=MAX_LENGTH,
                    help="longer sequences shorten their input text (default: %(default)s, training's max source + "
                         "max target length)")
+    p.add_argument("--allow-beyond-context", action="store_true",
+                   help="allow --max-length beyond the model's max_position_embeddings (a model with context "
+                        "extension)")
     p.add_argument("--row-tokens", type=int, default=None, help="width of a packed row (default: from the model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="base weights (LoRA weights stay fp32; the NLL is summed in fp32): auto = bf16 on a CUDA GPU "
@@ -444,7 +449,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     from tasks.loaders import load_task
-    from tasks.models import load_model, load_tokenizer, resolve, resolve_dtype
+    from tasks.models import check_context, load_model, load_tokenizer, resolve, resolve_dtype
 
     # Data and candidates first: bad input fails in a second, before any model is loaded.
     task = load_task(args.task, args.data_dir, seed=args.seed, n_train=max(1000, args.instances))
@@ -471,6 +476,7 @@ def main(argv=None):
     state_id = model_state_id(base, adapters) + ("" if dtype == torch.float32 else f"|{dtype}")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype).to(accelerator.device).eval()
+    check_context(model, [("--max-length", args.max_length)], args.allow_beyond_context, args.model or "")
     if len(instances) < args.instances:
         accelerator.print(f"note: task {task.name} has {len(instances)} {args.split} instances (< {args.instances})")
     paraphrase_cache = args.paraphrase_cache or (str(out_dir / "paraphrases.json") if out_dir else None)

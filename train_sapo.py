@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
@@ -26,6 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -34,13 +34,15 @@ import score_prompts
 from tasks import SapoError, cli_main
 from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_example
 from tasks.core import Task
+from tasks.divergence import check_finite_step
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
 from tasks.launch import TrainingRecipe, accelerator_kwargs, check_accelerator, check_launch
-from tasks.loaders import load_sequence, load_task, read_json, write_json
-from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
-    resolve, resolve_dtype, stack_adapters
+from tasks.loaders import load_sequence, load_task, read_json, strict_json, write_json
+from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, check_context, load_model, \
+    load_tokenizer, resolve, resolve_dtype, stack_adapters
 from tasks.pools import PoolSource
+from tasks.records import from_record, read_record
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
 from tasks.score_cache import model_state_id
 from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
@@ -110,6 +112,7 @@ class Config:
     gradient_checkpointing: str = "off"  # on | off | auto (ours: off when the estimated peak fits the device's memory)
     attention: str = "sdpa"  # training attention: sdpa (dense 4-D mask) | flex (ours: FlexAttention, skips masked tiles)
     fused_ops: str = "none"  # none | liger (ours: Liger-Kernel's fused RMSNorm, SwiGLU and RoPE; needs a GPU)
+    allow_beyond_context: bool = False  # allow length limits beyond the model's max_position_embeddings (extended)
     micro_batch_tokens: int | None = None  # fill each forward up to N tokens, padding included (None: by count)
 
     def pool_source(self) -> PoolSource:
@@ -144,7 +147,8 @@ PRESETS = {
 # one of them: a moved or copied run resumes.
 RESUME_FREE = {"report_to", "eval_batch_size", "eval_token_budget", "eval_compile", "score_token_budget",
                "checkpoint_every", "output_dir", "preset",
-               "gradient_checkpointing"}  # recomputes the same activations (RNG state kept): same gradients
+               "gradient_checkpointing",  # recomputes the same activations (RNG state kept): same gradients
+               "allow_beyond_context"}  # only lets a run start: a run that started has the same results
 # Paths of the inputs: compared by what they hold (tasks.run_dir.RunKey: each task's data, each pool, the model's
 # files), not by how they are spelled, so a relative path, a moved data dir or a copied candidates file resume.
 INPUT_PATHS = {"model", "sequence", "data_dir", "candidates"}
@@ -198,6 +202,14 @@ def check_lora_targets(model, lora_targets: str):
                            if isinstance(m, torch.nn.Linear) and "." in n})
         raise SapoError(f"--lora-targets: the model has no module named {', '.join(missing)} (its linear layers: "
                         f"{', '.join(suffixes)})")
+
+
+def check_model_context(model, config: Config):
+    """The length limits against the model's context (tasks.models.check_context), as soon as its config is read."""
+    check_context(model, [("--max-source-length + --max-target-length",
+                           config.max_source_length + config.max_target_length),
+                          ("--max-source-length + --max-new-tokens", config.max_source_length + config.max_new_tokens)],
+                  config.allow_beyond_context, config.model)
 
 
 def training_recipe(config: Config) -> TrainingRecipe:
@@ -461,7 +473,7 @@ class Reselector:
         """Back to a checkpoint's state; the re-encoded training set when the instruction had been switched."""
         if not state:
             return None
-        self.events = [Reselection(**e) for e in state["events"]]
+        self.events = list(state["events"])  # Reselection records (tasks.records built them)
         if state["instruction"] == self.current:
             return None
         self.current = state["instruction"]
@@ -531,12 +543,13 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
         check_checkpoint_format(checkpoint, deepspeed, task_dir.name)
+        saved = read_record(checkpoint / "sapo_step.json", CheckpointStep,
+                            advice=f"delete {checkpoint} to train the task again from its start")
         check_checkpoint_keys(model, checkpoint)
         accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
-        saved = read_json(checkpoint / "sapo_step.json")
-        start_step, earlier_seconds = saved["step"], saved.get("seconds", 0.0)
+        start_step, earlier_seconds = saved.step, saved.seconds
         if reselect is not None:
-            encoded = reselect.restore(saved.get("reselector")) or encoded
+            encoded = reselect.restore(saved.reselector) or encoded
         for _ in range(start_step):  # the schedule is a function of the step alone: replay it
             scheduler.step()
         accelerator.print(f"resuming training of {task_dir.name} at step {start_step}/{total_steps}")
@@ -584,6 +597,8 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         optimizer.step()
         optimizer.zero_grad()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
+        check_finite_step(accelerator, task_dir.name, step + 1, total_steps, step_nll, total_tokens, penalty_value, lr,
+                          trainable, checkpoint)  # a diverged step stops here, on every process: nothing saved
         scheduler.step()
         step_loss = accelerator.reduce(step_nll, reduction="sum").item() / total_tokens
         log_line = {"step": step + 1, "loss": step_loss, "lr": lr}
@@ -593,7 +608,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
-                f.write(json.dumps(log_line) + "\n")
+                f.write(strict_json(log_line, log_path) + "\n")
         if reselect is not None and (step + 1) % config.reselect_every == 0 and step + 1 < total_steps:
             # Ours, beyond the paper: re-score against the weights being trained; its time is selection overhead.
             encoded = reselect(net, step + 1) or encoded
@@ -641,7 +656,8 @@ def check_checkpoint_keys(model, checkpoint: Path):
 
     with safe_open(str(saved_file), framework="pt") as f:
         saved = set(f.keys())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    net = getattr(model, "module", model)  # under DDP the names gain "module.", which the saved ones do not have
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     if trainable and not trainable & saved:
         raise SapoError(f"{saved_file} holds none of the weights being trained (written by another version of "
                         f"train_sapo.py?); delete {checkpoint} to train this task again from its start")
@@ -682,7 +698,8 @@ def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
         accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "sapo_step.json").write_text(json.dumps({"step": step, **(extra or {})}))  # last: tmp is complete
+        step_file = tmp / "sapo_step.json"  # written last: tmp is complete
+        step_file.write_text(strict_json({"step": step, **(extra or {})}, step_file))
         # Renames only: `checkpoint` is always complete or absent (deleting it first left a window with neither).
         old = checkpoint.with_name(checkpoint.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -773,12 +790,16 @@ class TaskSelection:
                 "reselect_instances": self.reselect_instances}
 
     @classmethod
-    def from_json(cls, data: dict) -> "TaskSelection":
-        return cls(select=data["select"], split=data["split"], original=data["original"], note=data.get("note", ""),
-                   selection=score_prompts.Selection.from_json(data),
-                   reselections=[Reselection(**r) for r in data.get("reselections", [])],
-                   final_instruction=data.get("final_instruction"), dtype=data.get("dtype", ""),
-                   reselect_instances=data.get("reselect_instances"))
+    def from_json(cls, data: dict, where="selection.json") -> "TaskSelection":
+        """The record as to_json wrote it (flat), checked for shape by tasks.records: one line naming `where`."""
+        advice = redo_advice(Path(where).parent)
+        if not isinstance(data, dict):
+            return from_record(cls, data, where, advice=advice)  # raises: not an object
+        names = {f.name for f in dataclasses.fields(score_prompts.Selection)}
+        selection = from_record(score_prompts.Selection, {k: v for k, v in data.items() if k in names}, where,
+                                advice=advice)
+        return from_record(cls, {**{k: v for k, v in data.items() if k not in names}, "selection": selection}, where,
+                           advice=advice)
 
 
 @dataclass
@@ -786,8 +807,29 @@ class Row:
     """scores.json: one row of R, every task of the sequence evaluated with one model state."""
 
     row: str  # the row's label: zero-shot, or "after <task>"
-    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, [trace], ...)
+    scores: dict[str, evaluate.TaskScores]  # task name -> evaluate.evaluate_task's result
     seconds: float
+
+
+class ReselectorState(TypedDict):
+    """A checkpoint's re-selection state (Reselector.state)."""
+
+    instruction: str
+    events: list[Reselection]
+
+
+@dataclass
+class CheckpointStep:
+    """A training checkpoint's sapo_step.json: the optimizer steps done, and what the resumed segment needs."""
+
+    step: int
+    seconds: float = 0.0  # training seconds of the segments before
+    reselector: ReselectorState | None = None  # ours: re-selection's state (Reselector.state)
+
+
+def redo_advice(task_dir: Path) -> str:
+    """What to do about a damaged record of a task (its selection or training)."""
+    return f"restore it, or delete {task_dir} and every later task folder to redo them"
 
 
 def run_key(config: Config, tasks: list[Task], base_path: str, base_adapters: list[str]) -> RunKey:
@@ -858,12 +900,12 @@ def load_tasks(config: Config, accelerator) -> list[Task]:
 def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) -> TaskSelection:
     """1. The training instruction of `task`, chosen against the CURRENT state (base + every adapter so far, as
     trained): the candidate with the lowest pre-update loss on the first score_instances training instances."""
-    done = read_json(task_dir / "selection.json", default=None)
+    done = read_json(task_dir / "selection.json", default=None, advice=redo_advice(task_dir))
     # Every process looks before the main one may write: an unscored pick (original, fixed:K) is written at once, and
     # a process that found it already written would skip the barrier the others wait in (a hang with 2 processes).
     run.accelerator.wait_for_everyone()
     if done is not None:
-        return TaskSelection.from_json(done)
+        return TaskSelection.from_json(done, task_dir / "selection.json")
     config, split = run.config, training_split(task, run.config)
     note = ""
     if not task.instruction.strip():  # e.g. TRACE's Py150: nothing to paraphrase, trained as is (as the authors do)
@@ -917,7 +959,7 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
     previous = [] if seq else [adapter_name(i) for i in range(len(state.adapter_dirs))]
     name = adapter_name(0) if seq else adapter_name(len(state.adapter_dirs))
     if (adapter_dir / "adapter_config.json").exists():  # trained by an earlier process: load it as saved
-        training = Training(**read_json(task_dir / "training.json"))
+        training = read_record(task_dir / "training.json", Training, advice=redo_advice(task_dir))
         if state.peft_model is None or seq:
             base = state.peft_model.unload() if state.peft_model is not None else state.model
             state.peft_model = stack_adapters(base, [str(adapter_dir)])
@@ -972,9 +1014,9 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
 def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instructions: dict[str, str]) -> Row:
     """3. One row of R: every task of the sequence evaluated with the current state (greedy generation), each with
     its instruction in `instructions`."""
-    done = read_json(row_dir / "scores.json", default=None)
+    done = read_record(row_dir / "scores.json", Row, default=None, advice="delete it to evaluate that row again")
     if done is not None:
-        return Row(**done)
+        return done
     config = run.config
     start = time.perf_counter()
     scores = {}
@@ -1075,6 +1117,7 @@ def main(argv=None):
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
         accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
     check_lora_targets(state.model, config.lora_targets)
+    check_model_context(state.model, config)
     if config.fused_ops != "none":  # ours: for selection, training and generation alike
         accelerator.print(f"--fused-ops {config.fused_ops}: " + ", ".join(apply_fused_ops(state.model,
                                                                                           config.fused_ops)))

@@ -26,8 +26,12 @@ def required_label_words(task: Task) -> list[str]:
 
 def candidate_problem(task: Task, text: str) -> str | None:
     """Why `text` is not a valid candidate for `task`, or None when it is."""
+    from tasks.loaders import encoding_problem
+
     if not isinstance(text, str) or not text.strip():
         return "is empty"
+    if encoding_problem(text):
+        return encoding_problem(text)
     n, n0 = len(text), len(task.instruction)
     if not MIN_RATIO * n0 <= n <= max(MAX_RATIO * n0, 200):
         return f"has {n} characters, outside {int(MIN_RATIO * n0)}..{int(max(MAX_RATIO * n0, 200))} for this task"
@@ -101,12 +105,17 @@ def candidate_pool(task: Task) -> list[str]:
     return validate_candidates(task, list(task.paraphrases), where=f"built-in pool of {task.name}")
 
 
-def select_index(scores) -> int:
-    """Index of the lowest score; ties keep the lowest index (candidate 0 = the original instruction). A NaN score
-    never wins (NaN compares false)."""
+def select_index(scores, task: str = "", candidates=None) -> int:
+    """Index of the lowest score; ties keep the lowest index (candidate 0 = the original instruction).
+
+    A non-finite score (NaN, inf: an overflowing forward, damaged weights) is an error, never a pick: NaN compares
+    false, so an argmin over it picks whatever the order makes it pick. `candidates`: the pool index of each score,
+    and `task`, for the message."""
     scores = [float(s) for s in scores]
-    best = 0
-    for i, s in enumerate(scores):
-        if s < scores[best] or math.isnan(scores[best]) and not math.isnan(s):
-            best = i
-    return best
+    bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+    if bad is not None:
+        which = candidates[bad] if candidates is not None else bad
+        raise SapoError(f"{'task ' + task + ': ' if task else ''}candidate {which} scored {scores[bad]}, not a finite "
+                        "loss: the model's forward overflows or its weights are damaged (a diverged adapter?); try "
+                        "--dtype fp32 (or bf16 instead of fp16), or check the model")
+    return min(range(len(scores)), key=lambda i: (scores[i], i))

@@ -6,7 +6,9 @@ import functools
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 
 
 class SapoError(Exception):
@@ -85,12 +87,26 @@ def writing(path):
         raise OSError(errno.ENOSPC if full else errno.EIO, detail, str(path)) from e
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `kill` send; torchrun passes it on to every process it launched), raised in the
+    main thread where SIGINT raises KeyboardInterrupt: the same unwinding, so the same state is kept."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the shutdown itself
+    raise Terminated()
+
+
 def cli_main(fn):
     """Decorate a script's main(): a SapoError, or an environment OSError (full disk, read-only or unwritable path,
-    a file where a directory should be), becomes one line on stderr and exit code 2."""
+    a file where a directory should be), becomes one line on stderr and exit code 2. SIGINT and SIGTERM both end
+    it with one line saying how to resume (exit 130 and 143, as a shell reports them)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
         except SapoError as e:
@@ -102,11 +118,13 @@ def cli_main(fn):
             where = "" if e.filename is not None or not _output_places else f"{_output_places[-1]}: "
             print(f"error: {where}{describe_os_error(e)}", file=sys.stderr)
             end_process(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             print("interrupted: rerun the same command to resume", file=sys.stderr)
-            end_process(130)
+            end_process(143 if isinstance(e, Terminated) else 130)
         finally:
             release_main_resources()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

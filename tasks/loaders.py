@@ -34,12 +34,15 @@ NAMED_SEQUENCES = {
 _REQUIRED = object()
 
 
-def read_json(path, default=_REQUIRED) -> object:
-    """json.load with a one-line error naming the file (and the position for malformed JSON).
+def read_json(path, default=_REQUIRED, advice: str = "") -> object:
+    """json.load with a one-line error naming the file (and the position for malformed JSON), ending in `advice`
+    (what to do about a damaged run file) when given.
 
     The project's one JSON reader: a missing file is an error unless a `default` is given (run files and caches
     that are not written yet); a damaged file is always an error, never silently ignored or recomputed over.
+    Records read back are then checked for shape by tasks.records (with the same advice).
     """
+    advice = f"; {advice}" if advice else ""
     path = Path(path)
     if not path.exists():
         if default is not _REQUIRED:
@@ -49,9 +52,9 @@ def read_json(path, default=_REQUIRED) -> object:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise SapoError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise SapoError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}{advice}") from None
     except UnicodeDecodeError as e:
-        raise SapoError(f"{path} is not UTF-8 text: {e.reason}") from None
+        raise SapoError(f"{path} is not UTF-8 text: {e.reason}{advice}") from None
 
 
 def write_text_atomic(path, text: str):
@@ -70,9 +73,33 @@ def write_text_atomic(path, text: str):
         raise
 
 
+def non_finite_at(obj, where: str = "") -> str | None:
+    """Where the first NaN or infinity inside `obj` is (a key path such as scores.task1.rougeL), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where or 'the value'} = {obj}"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = non_finite_at(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
+def strict_json(obj, where, indent: int | None = None) -> str:
+    """json.dumps, strict: NaN and Infinity are not JSON (Python writes them, strict readers refuse them). A
+    non-finite number is an error naming `where` (the file) and the key, never written."""
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        found = non_finite_at(obj)
+        if found is None:
+            raise
+        raise SapoError(f"refusing to write {found} into {where}: a non-finite number is not JSON") from None
+
+
 def write_json(path, obj, indent: int = 2):
-    """JSON to `path`, atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """Strict JSON to `path`, atomically."""
+    write_text_atomic(path, strict_json(obj, path, indent) + "\n")
 
 
 def _check_dir(data_dir) -> Path:
@@ -113,6 +140,17 @@ def _reference(value) -> str | None:
     return None
 
 
+def encoding_problem(text: str) -> str | None:
+    """Why `text` cannot be tokenized, or None. JSON may hold a lone surrogate (\\ud800), which is no character: no
+    tokenizer encodes it (UTF-8 has no bytes for it), and it would fail deep inside scoring or training."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds a lone surrogate {text[e.start]!r} at character {e.start}, which no tokenizer can encode "
+                "(fix the text: an emoji or other character split in half)")
+    return None
+
+
 def checked_instance(where, record: int, input_value, output_value, input_field: str, output_field: str) -> Instance:
     """An Instance from one record's raw values; a one-line SapoError naming `where`, the record and the field unless
     the input is a string and the output a reference or a non-empty list of references (see the module docstring)."""
@@ -121,6 +159,8 @@ def checked_instance(where, record: int, input_value, output_value, input_field:
 
     if not isinstance(input_value, str):
         raise bad(input_field, f"must be a string, got {_json_type(input_value)}")
+    if encoding_problem(input_value):
+        raise bad(input_field, encoding_problem(input_value))
     expected = "must be a string, a number or a non-empty list of them"
     if isinstance(output_value, list):
         if not output_value:
@@ -129,11 +169,15 @@ def checked_instance(where, record: int, input_value, output_value, input_field:
         if None in outputs:
             k = outputs.index(None)
             raise bad(output_field, f"{expected}, got {_json_type(output_value[k])} at position {k} of the list")
-        return Instance(input_value, tuple(outputs))
-    output = _reference(output_value)
-    if output is None:
-        raise bad(output_field, f"{expected}, got {_json_type(output_value)}")
-    return Instance(input_value, (output,))
+    else:
+        outputs = [_reference(output_value)]
+        if outputs[0] is None:
+            raise bad(output_field, f"{expected}, got {_json_type(output_value)}")
+    for k, output in enumerate(outputs):
+        if encoding_problem(output):
+            at = f" (position {k} of the list)" if isinstance(output_value, list) else ""
+            raise bad(output_field, encoding_problem(output) + at)
+    return Instance(input_value, tuple(outputs))
 
 
 def _sapo_instances(path: Path) -> list[Instance]:
@@ -176,6 +220,10 @@ def load_sapo_task(data_dir, name: str) -> Task:
     labels = entry.get("labels") or []
     if not isinstance(labels, list) or not all(isinstance(w, str) for w in labels):
         raise SapoError(f"{meta_path}: entry {full_name}: \"labels\" must be a list of strings")
+    for key, text in [("instruction", entry["instruction"]), ("suffix", suffix), ("input_label", input_label or ""),
+                      *(("labels", w) for w in labels)]:
+        if encoding_problem(text):
+            raise SapoError(f"{meta_path}: entry {full_name}: \"{key}\" {encoding_problem(text)}")
     splits, missing = {}, []
     for split in SPLITS:
         path = task_dir / f"{split}.json"
@@ -201,6 +249,8 @@ def load_superni_file(path, n_test: int = 100, n_dev: int = 50) -> Task:
         raise SapoError(f"{path} is not a Super-NaturalInstructions task file (needs \"Definition\" and \"Instances\")")
     definition = data["Definition"]
     instruction = " ".join(definition) if isinstance(definition, list) else str(definition)
+    if encoding_problem(instruction):
+        raise SapoError(f"{path}: \"Definition\" {encoding_problem(instruction)}")
     if not isinstance(data["Instances"], list):
         raise SapoError(f"{path}: \"Instances\" must be a list")
     instances = []

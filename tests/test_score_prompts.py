@@ -106,8 +106,10 @@ def test_select_index_ties_keep_the_original():
     assert sp.select_index([1.5, 1.5, 2.0]) == 0
     assert sp.select_index([2.0, 1.0, 1.0]) == 1
     assert sp.select_index([3.0, 2.0, 1.0]) == 2
-    assert sp.select_index([float("nan"), 1.0]) == 1  # a NaN score never wins
-    assert sp.select_index([1.0, float("nan")]) == 0
+    # A non-finite score is an error, never a pick (before: NaN was skipped and the rest picked from).
+    for scores, bad in (([float("nan"), 1.0], "candidate 0 scored nan"), ([1.0, float("inf")], "candidate 1 scored inf")):
+        with pytest.raises(SapoError, match=f"task t: {bad}, not a finite loss"):
+            sp.select_index(scores, "t")
 
 
 def write_sapo_data(root: Path, n=8) -> Path:
