@@ -28,6 +28,7 @@ CSV tables and PNG figures in the output dir.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -35,6 +36,7 @@ import io
 import itertools
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +55,9 @@ from tasks.records import json_safe, read_record
 from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve, resolve_dtype
 from tasks.prompts import encode_task_example
 from tasks.run_dir import pool_hash
-from tasks.statistics import (bootstrap_interval, flesch_kincaid_grade, nanmean, pearson, percentile_interval,
-                              relative_change, spearman)
+from tasks.score_cache import model_state_id
+from tasks.statistics import (bootstrap_interval, bootstrap_samples, fisher_z_pool, flesch_kincaid_grade, nanmean,
+                              pearson, percentile_interval, relative_change, spearman, variance_decomposition)
 
 T2_INDEX = 1  # T2 is the second task of each pair: train_adapter seeds its LoRA with config.seed + 1
 
@@ -66,8 +69,10 @@ T2_INDEX = 1  # T2 is the second task of each pair: train_adapter seeds its LoRA
 class ProbeConfig(train_sapo.Config):
     pairs: str = "sentiment->topic"  # training pairs T1->T2, comma-separated (quote the value: > is a shell operator)
     unseen: str = "animal,compare,capitals"  # unseen tasks U, evaluated after every T2 training (original instructions)
-    zero_shot_instances: int = 4  # the zero-shot indicator: greedy ROUGE-L on the first N T2 training instances
-    gradient_instances: int = 8  # gradient norm and conflict: the first N training instances of each task
+    zero_shot_instances: int | None = None  # zero-shot indicators: the first N training instances; None = score_instances
+    gradient_instances: int | None = None  # gradient norm and conflict on the first N instances; None = score_instances
+    seeds: int = 2  # ours: each (pair, candidate) arm trained with S seeds (T2's LoRA init, data order, dropout)
+    permutations: int = 1000  # ours: permutations of the noise-floor test (candidate vs seed variance)
     conflict_candidates: int = 5  # gradient conflict of the candidates at these many quantiles of the pre-update loss
     bootstrap: int = 1000  # bootstrap resamples of every interval
     confidence: float = 0.95  # level of every interval
@@ -87,15 +92,17 @@ class ProbeConfig(train_sapo.Config):
         return [t.strip() for t in self.unseen.split(",") if t.strip()]
 
 
-# demo: train_sapo's demo sizes with a quarter of its training steps per task (3 steps of 8 at 3x its learning rate)
-# and 16 test instances per task: nine trainings and 45 task evaluations in about 15 minutes on a shared 2-core CPU.
+# demo: train_sapo's demo sizes with a quarter of its training steps per task (3 steps of 8 at 3x its learning rate),
+# 6 candidates x 2 seeds (the noise floor needs 2) and 12 test instances per task: 13 trainings and 48 task
+# evaluations.
 # paper: train_sapo's paper preset (the original recipe), with the pairs and unseen tasks given on the command line.
 PRESETS = {name: {k: v for k, v in values.items() if k not in ("sequence", "output_dir")}
            for name, values in train_sapo.PRESETS.items()}
-PRESETS["demo"].update(train_instances=24, epochs=1, lr=3e-3, max_new_tokens=8, gradient_instances=4)
+PRESETS["demo"].update(train_instances=24, epochs=1, lr=3e-3, max_new_tokens=8, max_candidates=6, eval_instances=12)
 PRESETS["paper"].update(output_dir="runs/probe-paper")
 # Allowed values of the numeric flags: train_sapo's, and the study's own.
 RANGES = {**train_sapo.FLAG_RANGES, "zero_shot_instances": Range(1), "gradient_instances": Range(1),
+          "seeds": Range(1), "permutations": Range(0),
           "conflict_candidates": Range(1), "bootstrap": Range(1), "confidence": Range(0, 1, True, True),
           "pool_subsets": Range(1)}
 # train_sapo settings that do not apply here: the study picks the training instruction itself (every candidate).
@@ -139,14 +146,16 @@ def parse_config(argv=None) -> tuple[ProbeConfig, bool]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-candidate records.
 
-def indicator(sign: int, definition: str):
-    """A field of Indicators: `sign` * value is "higher = predicted better"."""
-    return field(default=float("nan"), metadata={"sign": sign, "definition": definition})
+def indicator(sign: int, definition: str, model: bool = True):
+    """A field of Indicators: `sign` * value is "higher = predicted better"; `model`: computed with a model (so once
+    under S1, state-adaptive, and once under the base model, static), else from the text alone."""
+    return field(default=float("nan"), metadata={"sign": sign, "definition": definition, "model": model})
 
 
 @dataclass
 class Indicators:
-    """The pre-update indicators of one candidate p of T2, computed under S1 before any T2 update (raw values)."""
+    """The pre-update indicators of one candidate p of T2, computed before any T2 update (raw values), under S1
+    (state-adaptive, SAPO's premise) or under the base model with S1's adapters disabled (static)."""
 
     pre_update_loss: float = indicator(-1, "token-weighted mean NLL of T2's response tokens, prompted with p, over "
                                            "its first score_instances training instances (SAPO's score)")
@@ -158,13 +167,15 @@ class Indicators:
     instruction_loss: float = indicator(-1, "mean NLL of p's own tokens, read after the chat template's user "
                                             "header (how expected the instruction text is)")
     gradient_norm: float = indicator(-1, "L2 norm of the gradient of T2's token-weighted NLL (prompted with p, "
-                                         "first gradient_instances instances) w.r.t. T2's freshly initialised LoRA")
-    zero_shot_rouge: float = indicator(+1, "greedy ROUGE-L of S1 on the first zero_shot_instances T2 training "
+                                         "first gradient_instances instances) w.r.t. the base weights of the LoRA "
+                                         "target modules (q_proj, v_proj), the scoring state's adapters active")
+    zero_shot_rouge: float = indicator(+1, "greedy ROUGE-L on the first zero_shot_instances T2 training "
                                            "instances, prompted with p")
     zero_shot_exact_match: float = indicator(+1, "exact match of those same answers (ours: an 11th)")
-    length_tokens: float = indicator(-1, "p's length in tokens (the sign: shorter predicted better)")
-    readability_grade: float = indicator(-1, "Flesch-Kincaid grade of p (tasks.statistics; lower = easier to read)")
-    rouge_to_original: float = indicator(+1, "ROUGE-L F1 x 100 of p against the original instruction")
+    length_tokens: float = indicator(-1, "p's length in tokens (the sign: shorter predicted better)", model=False)
+    readability_grade: float = indicator(-1, "Flesch-Kincaid grade of p (tasks.statistics; lower = easier to read)",
+                                         model=False)
+    rouge_to_original: float = indicator(+1, "ROUGE-L F1 x 100 of p against the original instruction", model=False)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -178,12 +189,17 @@ class Indicators:
     def definition(cls, name: str) -> str:
         return {f.name: f.metadata["definition"] for f in dataclasses.fields(cls)}[name]
 
+    @classmethod
+    def model_names(cls) -> list[str]:
+        """The indicators computed with a model (static and state-adaptive versions exist)."""
+        return [f.name for f in dataclasses.fields(cls) if f.metadata["model"]]
+
 
 @dataclass
 class Conflict:
-    """Gradient conflict of one candidate (paper Fig. 4): per LoRA module, the cosine similarity between the gradient
-    of T2's loss prompted with p and that of T1's loss (original instruction) or of an unseen task's, all w.r.t. T2's
-    freshly initialised LoRA under S1."""
+    """Gradient conflict of one candidate (paper Fig. 4): per LoRA target module, the cosine similarity between the
+    gradient of T2's loss prompted with p and that of T1's loss (original instruction) or of an unseen task's, all
+    w.r.t. the module's base weight under S1 (see weight_gradients)."""
 
     candidate: int
     pre_update_loss: float
@@ -198,7 +214,9 @@ class StoredIndicators:
     """indicators.json: a pair's candidate pool and each candidate's indicators (written last: the step is done)."""
 
     candidates: list[str]
-    indicators: list[Indicators]
+    instances: dict[str, int]  # indicator -> the number of T2 instances it is computed on
+    indicators: list[Indicators]  # under S1 (state-adaptive)
+    static: list[Indicators]  # under the base model
 
 
 PAIR_ADVICE = "delete it and the pair's conflict.json and indicators.json to compute them again"
@@ -212,13 +230,28 @@ class PairResult:
     t2: str
     unseen: list[str]
     candidates: list[str]  # T2's pool, the original first
-    indicators: list[Indicators]  # per candidate
-    scores: list[dict[str, float]]  # per candidate: task -> ROUGE-L after training T2 with it
+    indicators: list[Indicators]  # per candidate, under S1 (state-adaptive)
+    scores: list[dict[str, float]]  # per candidate: task -> ROUGE-L after training T2 with it (mean over seeds)
     conflict: list[Conflict]
+    static: list[Indicators] | None = None  # per candidate, under the base model (static); None = not computed
+    seed_scores: list[list[dict[str, float]]] | None = None  # per candidate, per seed: task -> ROUGE-L
+    instances: dict[str, int] = field(default_factory=dict)  # indicator -> the instances it was computed on
+
+    def __post_init__(self):
+        if self.seed_scores is None:
+            self.seed_scores = [[s] for s in self.scores]
 
     @property
     def label(self) -> str:
         return f"{self.t1}->{self.t2}"
+
+    def relative_table(self, task: str) -> np.ndarray | None:
+        """K x S: each (candidate, seed) run's relative change on `task` against the original's mean over its seeds
+        (one fixed reference per task: the table is the scores rescaled); None when that mean is 0."""
+        reference = self.scores[0][task]
+        if not reference:
+            return None
+        return np.asarray([[run[task] / reference - 1 for run in runs] for runs in self.seed_scores])
 
     @property
     def cross_tasks(self) -> list[str]:
@@ -288,44 +321,97 @@ def instruction_sequence(tokenizer, task, instruction: str) -> Encoded:
     return Encoded(header + own, [IGNORE_INDEX] * len(header) + own, len(header))
 
 
-def lora_gradients(peft_model, encoded, accelerator, batch_size=8) -> dict[str, torch.Tensor]:
-    """The gradient of sum(response NLL) / (response tokens) over `encoded` w.r.t. the trainable (LoRA) parameters,
-    flattened per LoRA module (A and B together), float64 on the CPU. Dropout off: a function of the weights alone.
-    Each process runs its share of the fixed batches; the sums are added up across processes."""
+def target_weights(model, targets: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
+    """(module name, base weight) of every linear layer whose name ends with a target (q_proj, v_proj): the layer
+    itself in a plain model, its `base_layer` inside a LoRA layer (the name without ".base_layer")."""
+    out = []
+    for name, module in model.named_modules():
+        key = name.removesuffix(".base_layer")
+        if isinstance(module, torch.nn.Linear) and any(key == t or key.endswith("." + t) for t in targets) and \
+                (name.endswith(".base_layer") or not hasattr(module, "base_layer")):
+            out.append((key, module.weight))
+    return out
+
+
+@dataclass
+class GradientReduction:
+    """Per target module m, of the gradient G_m of one loss w.r.t. the module's base weight: ||G_m||^2 and the dot
+    products <G_m, R_m> with each reference gradient R (T1's, an unseen task's); `full` holds G itself only when asked
+    (the references), so a candidate costs a few numbers per module, never a copy of the weights."""
+
+    norm2: dict[str, float]
+    dots: dict[str, dict[str, float]]  # reference name -> module -> <G_m, R_m>
+    full: dict[str, torch.Tensor] | None = None
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(math.fsum(self.norm2.values()))
+
+    def cosines(self, reference: str, reference_norm2: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for m, dot in self.dots[reference].items():
+            denominator = math.sqrt(self.norm2[m] * reference_norm2[m])
+            out[m] = dot / denominator if denominator > 0 else float("nan")
+        return out
+
+
+def weight_gradients(model, encoded, accelerator, targets: list[str], batch_size=8,
+                     references: dict[str, dict[str, torch.Tensor]] | None = None,
+                     keep: bool = False) -> GradientReduction:
+    """The gradient of sum(response NLL) / (response tokens) over `encoded` w.r.t. the base weights of the target
+    modules (target_weights), with every active adapter of `model` in the forward; dropout off, so it is a function
+    of the weights alone. Only those weights require grad during the backward (every other parameter's flag is put
+    back afterwards). Each process runs its share of the fixed batches; the per-module sums are added up across
+    processes. Reduced per module (GradientReduction): norms in float64, dots with `references`; `keep` returns the
+    gradients too (float32, on the model's device).
+
+    Why the base weights (ours, README): for a LoRA on W, W_eff = W + s B A, so dL/dW = dL/dW_eff = G, and the LoRA's
+    own gradients are projections of it: dL/dB = s G A^T, dL/dA = s B^T G. With a fresh LoRA (B = 0) dL/dA is 0 and
+    dL/dB a random projection of G; G is the object both are made from, the direction full fine-tuning would take."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    device = params[0][1].device
+    net = accelerator.unwrap_model(model)
+    weights = target_weights(net, targets)
+    if not weights:
+        raise SapoError(f"no linear module named {', '.join(targets)} to take gradients of")
+    device = weights[0][1].device
     total_tokens = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in encoded)
-    for _, p in params:
+    flags = {id(p): p.requires_grad for p in net.parameters()}
+    chosen = {id(w) for _, w in weights}
+    for p in net.parameters():
+        p.requires_grad_(id(p) in chosen)
         p.grad = None
-    was_training = peft_model.training
-    peft_model.eval()
+    was_training = net.training
+    net.eval()
     try:
         batches = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
         for b in batches[rank::world]:
             ids = pad_batch([encoded[i].input_ids for i in b], 0).to(device)
             labels = pad_batch([encoded[i].labels for i in b], IGNORE_INDEX).to(device)
             mask = pad_batch([[1] * len(encoded[i].input_ids) for i in b], 0).to(device)
-            logits = peft_model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = net(input_ids=ids, attention_mask=mask).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
                                                     labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
                                                     reduction="sum")
             nll.backward()
+        out = GradientReduction(norm2={}, dots={r: {} for r in references or {}}, full={} if keep else None)
+        for name, w in weights:  # every process reduces every module, in the same order
+            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            if world > 1:
+                grad = accelerator.reduce(grad.contiguous(), reduction="sum")
+            grad = grad.detach().float() / total_tokens
+            w.grad = None
+            out.norm2[name] = float(grad.double().square().sum())
+            for r, reference in (references or {}).items():
+                out.dots[r][name] = float((grad.double() * reference[name].double()).sum())
+            if keep:
+                out.full[name] = grad
+            del grad
     finally:
-        peft_model.train(was_training)
-    modules: dict[str, list[torch.Tensor]] = {}
-    for name, p in params:  # every process reduces every parameter, in the same order
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        if world > 1:
-            grad = accelerator.reduce(grad.contiguous(), reduction="sum")
-        modules.setdefault(name.split(".lora_")[0], []).append(grad.detach().double().cpu().flatten() / total_tokens)
-        p.grad = None
-    return {m: torch.cat(parts) for m, parts in modules.items()}
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    denominator = float(a.norm() * b.norm())
-    return float(a @ b) / denominator if denominator > 0 else float("nan")
+        net.train(was_training)
+        for p in net.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -338,21 +424,18 @@ def train_s1(run: train_sapo.Run, state: train_sapo.ModelState, t1, pair_dir: Pa
     train_sapo.train_adapter(run, state, 0, t1, chosen, t1_dir)
 
 
-def fresh_t2_lora(run: train_sapo.Run, state: train_sapo.ModelState) -> str:
-    """T2's LoRA as train_adapter initialises it (same seed, name and config), trainable; S1's adapters frozen."""
-    from accelerate.utils import set_seed
-    from peft import LoraConfig
-
-    config = run.config
-    name = adapter_name(len(state.adapter_dirs))
-    set_seed(config.seed + T2_INDEX)
-    state.peft_model.add_adapter(name, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                  lora_dropout=config.lora_dropout,
-                                                  target_modules=config.lora_targets.split(","),
-                                                  task_type="CAUSAL_LM"))
-    activate_adapters(state.peft_model, [adapter_name(i) for i in range(len(state.adapter_dirs))] + [name],
-                      trainable=name)
-    return name
+@contextlib.contextmanager
+def static_model(state: train_sapo.ModelState):
+    """The base model inside `state`: every LoRA layer bypassed (peft's disable_adapter_layers) while in the block,
+    so the same forward computes the static indicators."""
+    if state.peft_model is None:
+        yield
+        return
+    state.peft_model.base_model.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        state.peft_model.base_model.enable_adapter_layers()
 
 
 def back_to_s1(state: train_sapo.ModelState, s1_adapters: list[str]):
@@ -365,92 +448,171 @@ def back_to_s1(state: train_sapo.ModelState, s1_adapters: list[str]):
     state.model = state.peft_model.get_base_model().eval()
 
 
-def pre_update_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t1, t2, unseen, pool: list[str],
-                          pair_dir: Path) -> tuple[list[Indicators], list[Conflict]]:
-    """2. Every candidate's indicators and the gradient conflict, under S1, before any T2 update."""
+def model_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t2, pool: list[str], pair_dir: Path,
+                     static: bool) -> list[Indicators]:
+    """The indicators computed with a model, every candidate, all on the same first n training instances of T2
+    (n = score_instances; zero-shot and gradients: their own flags, which default to it): under S1 or, `static`,
+    under the base model (S1's adapters bypassed)."""
     config, accelerator, tokenizer = run.config, run.accelerator, run.tokenizer
     max_length = config.max_source_length + config.max_target_length
     split = train_sapo.training_split(t2, config)
-    scored = t2.split(split)[:config.score_instances]
-    progress = run.progress
+    instances = t2.split(split)
+    scored = instances[:config.score_instances]
+    zero_shot_n = config.zero_shot_instances or config.score_instances
+    gradient_n = config.gradient_instances or config.score_instances
+    state_id = model_state_id(run.base_path, run.base_adapters) if static else state.state_id(run)
+    out = []
+    with static_model(state) if static else contextlib.nullcontext():
+        scores = score_prompts.score_candidates(
+            state.model, tokenizer, t2, pool, scored, accelerator, token_budget=config.score_token_budget,
+            max_length=max_length, cache_path=pair_dir / ("score_cache_static.json" if static else "score_cache.json"),
+            state_id=state_id, progress=run.progress)
+        for c, p in enumerate(pool):
+            stats = token_statistics(state.model, [encode_task_example(tokenizer, t2, p, x, max_length)
+                                                   for x in scored], accelerator, config.micro_batch_size)
+            instruction_nll = token_statistics(state.model, [instruction_sequence(tokenizer, t2, p)],
+                                               accelerator)[0][0]
+            zero_shot = evaluate.evaluate_task(state.model, tokenizer, t2, p, accelerator, split=split,
+                                               max_instances=zero_shot_n, batch_size=config.eval_batch_size,
+                                               max_new_tokens=config.max_new_tokens,
+                                               max_prompt_tokens=config.max_source_length, progress=False)
+            gradient = weight_gradients(state.model, [encode_task_example(tokenizer, t2, p, x, max_length)
+                                                      for x in instances[:gradient_n]], accelerator,
+                                        config.lora_targets.split(","), config.micro_batch_size)
+            out.append(Indicators(
+                pre_update_loss=scores.candidates[c].score,
+                pre_update_loss_instance_mean=scores.candidates[c].instance_mean,
+                first_token_loss=float(np.mean([nll[0] for nll, _ in stats])),
+                response_entropy=math.fsum(e for _, entropy in stats for e in entropy) / sum(len(e) for _, e in stats),
+                instruction_loss=float(np.mean(instruction_nll)), gradient_norm=gradient.norm,
+                zero_shot_rouge=zero_shot["rougeL"], zero_shot_exact_match=zero_shot["exact_match"],
+                length_tokens=len(tokenizer(p, add_special_tokens=False)["input_ids"]),
+                readability_grade=flesch_kincaid_grade(p), rouge_to_original=evaluate.rouge_l(p, [t2.instruction])))
+    return out
 
-    def encode(task, instruction, n):
-        instances = task.split(train_sapo.training_split(task, config))[:n]
+
+def indicator_instances(config: ProbeConfig, t2) -> dict[str, int]:
+    """Indicator -> the number of T2 instances it is computed on (0: from the instruction's text alone)."""
+    available = len(t2.split(train_sapo.training_split(t2, config)))
+    n = min(config.score_instances, available)
+    out = {name: n for name in Indicators.model_names()}
+    out["instruction_loss"] = 0  # the instruction's own tokens
+    out["zero_shot_rouge"] = out["zero_shot_exact_match"] = min(config.zero_shot_instances or n, available)
+    out["gradient_norm"] = min(config.gradient_instances or n, available)
+    return {**{name: 0 for name in Indicators.names()}, **out}
+
+
+def pre_update_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t1, t2, unseen, pool: list[str],
+                          pair_dir: Path) -> tuple[list[Indicators], list[Indicators], list[Conflict]]:
+    """2. Every candidate's indicators before any T2 update, under S1 and under the base model; the gradient
+    conflict under S1."""
+    config, accelerator, tokenizer = run.config, run.accelerator, run.tokenizer
+    max_length = config.max_source_length + config.max_target_length
+    gradient_n = config.gradient_instances or config.score_instances
+    targets = config.lora_targets.split(",")
+    adaptive = model_indicators(run, state, t2, pool, pair_dir, static=False)
+    static = model_indicators(run, state, t2, pool, pair_dir, static=True)
+
+    def encode(task, instruction):
+        instances = task.split(train_sapo.training_split(task, config))[:gradient_n]
         return [encode_task_example(tokenizer, task, instruction, x, max_length) for x in instances]
 
-    scores = score_prompts.score_candidates(
-        state.model, tokenizer, t2, pool, scored, accelerator, token_budget=config.score_token_budget,
-        max_length=max_length, cache_path=pair_dir / "score_cache.json", state_id=state.state_id(run),
-        progress=progress)
-    indicators = []
-    for c, p in enumerate(pool):
-        stats = token_statistics(state.model, encode(t2, p, config.score_instances), accelerator,
-                                 config.micro_batch_size)
-        instruction_nll = token_statistics(state.model, [instruction_sequence(tokenizer, t2, p)],
-                                           accelerator)[0][0]
-        zero_shot = evaluate.evaluate_task(state.model, tokenizer, t2, p, accelerator, split=split,
-                                           max_instances=config.zero_shot_instances,
-                                           batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
-                                           max_prompt_tokens=config.max_source_length, progress=False)
-        indicators.append(Indicators(
-            pre_update_loss=scores.candidates[c].score,
-            pre_update_loss_instance_mean=scores.candidates[c].instance_mean,
-            first_token_loss=float(np.mean([nll[0] for nll, _ in stats])),
-            response_entropy=math.fsum(e for _, entropy in stats for e in entropy) / sum(len(e) for _, e in stats),
-            instruction_loss=float(np.mean(instruction_nll)),
-            zero_shot_rouge=zero_shot["rougeL"], zero_shot_exact_match=zero_shot["exact_match"],
-            length_tokens=len(tokenizer(p, add_special_tokens=False)["input_ids"]),
-            readability_grade=flesch_kincaid_grade(p), rouge_to_original=evaluate.rouge_l(p, [t2.instruction])))
-
-    # Gradients w.r.t. T2's fresh LoRA: every candidate's norm; the conflict for the candidates at the quantiles of
-    # the pre-update loss (the lowest, the highest and evenly spaced ranks between them).
-    fresh_t2_lora(run, state)
+    # The conflict for the candidates at the quantiles of the pre-update loss (the lowest, the highest and evenly
+    # spaced ranks between them), against T1's and the first unseen task's gradients (kept whole: two copies).
     reference_task = unseen[0] if unseen else None
-    g_t1 = lora_gradients(state.peft_model, encode(t1, t1.instruction, config.gradient_instances), accelerator,
-                          config.micro_batch_size)
-    g_unseen = (lora_gradients(state.peft_model, encode(reference_task, reference_task.instruction,
-                                                        config.gradient_instances), accelerator,
-                               config.micro_batch_size) if reference_task else None)
-    by_loss = sorted(range(len(pool)), key=lambda c: (indicators[c].pre_update_loss, c))
+    references = {"t1": weight_gradients(state.model, encode(t1, t1.instruction), accelerator, targets,
+                                         config.micro_batch_size, keep=True)}
+    if reference_task:
+        references["unseen"] = weight_gradients(state.model, encode(reference_task, reference_task.instruction),
+                                                accelerator, targets, config.micro_batch_size, keep=True)
+    by_loss = sorted(range(len(pool)), key=lambda c: (adaptive[c].pre_update_loss, c))
     quantiles = np.linspace(0, len(pool) - 1, min(config.conflict_candidates, len(pool)))
-    chosen = sorted({by_loss[int(round(q))] for q in quantiles}, key=by_loss.index)
+    chosen = [by_loss[i] for i in sorted({int(round(q)) for q in quantiles})]
     conflict = []
-    for c, p in enumerate(pool):
-        g = lora_gradients(state.peft_model, encode(t2, p, config.gradient_instances), accelerator,
-                           config.micro_batch_size)
-        indicators[c].gradient_norm = math.sqrt(sum(float(v @ v) for v in g.values()))
-        if c in chosen:
-            modules = sorted(g)
-            conflict.append(Conflict(candidate=c, pre_update_loss=indicators[c].pre_update_loss, modules=modules,
-                                     cosine_t1=[cosine(g[m], g_t1[m]) for m in modules],
-                                     cosine_unseen=[cosine(g[m], g_unseen[m]) if g_unseen else float("nan")
-                                                    for m in modules],
-                                     unseen_task=reference_task.name if reference_task else ""))
-    conflict.sort(key=lambda x: chosen.index(x.candidate))
-    back_to_s1(state, state.adapter_dirs)  # drop the fresh LoRA
-    return indicators, conflict
+    for c in chosen:
+        g = weight_gradients(state.model, encode(t2, pool[c]), accelerator, targets, config.micro_batch_size,
+                             references={name: r.full for name, r in references.items()})
+        modules = sorted(g.norm2)
+        t1_cos = g.cosines("t1", references["t1"].norm2)
+        unseen_cos = g.cosines("unseen", references["unseen"].norm2) if reference_task else {}
+        conflict.append(Conflict(candidate=c, pre_update_loss=adaptive[c].pre_update_loss, modules=modules,
+                                 cosine_t1=[t1_cos[m] for m in modules],
+                                 cosine_unseen=[unseen_cos.get(m, float("nan")) for m in modules],
+                                 unseen_task=reference_task.name if reference_task else ""))
+    del references
+    return adaptive, static, conflict
 
 
-def train_and_evaluate(run: train_sapo.Run, state: train_sapo.ModelState, t1, t2, c: int, pool, pair_dir: Path,
-                       s1_adapters: list[str]) -> dict[str, float]:
-    """3. T2 trained from S1 with candidate c (train_sapo's `--select fixed:c`), then T1, T2 (with c) and U
+SEED_STRIDE = 1000  # seed s of an arm trains with config.seed + 1000 s: no overlap with train_sapo's seed + k/epoch
+
+
+def arm_dir(pair_dir: Path, c: int, s: int) -> Path:
+    return pair_dir / f"candidate-{c:02d}-seed-{s}"
+
+
+def train_and_evaluate(run: train_sapo.Run, state: train_sapo.ModelState, t1, t2, c: int, s: int, pool,
+                       pair_dir: Path, s1_adapters: list[str]) -> dict[str, float]:
+    """3. T2 trained from S1 with candidate c (train_sapo's `--select fixed:c`) and seed s (ours: the seed moves
+    T2's LoRA initialisation, its data order and its dropout masks; S1 stays the same), then T1, T2 (with c) and U
     evaluated; back to S1 afterwards."""
-    cand_dir = pair_dir / f"candidate-{c:02d}"
-    arm = dataclasses.replace(run, config=dataclasses.replace(run.config, select=f"fixed:{c}"))
+    cand_dir = arm_dir(pair_dir, c, s)
+    arm = dataclasses.replace(run, config=dataclasses.replace(run.config, select=f"fixed:{c}",
+                                                              seed=run.config.seed + SEED_STRIDE * s))
     chosen = train_sapo.select_instruction(arm, state, t2, cand_dir)
     if chosen.selection.instruction != pool[c]:
         raise SapoError(f"{cand_dir}/selection.json holds another instruction than candidate {c} of the pool")
-    train_sapo.train_adapter(run, state, T2_INDEX, t2, chosen, cand_dir)
+    train_sapo.train_adapter(arm, state, T2_INDEX, t2, chosen, cand_dir)
     instructions = {t.name: t.instruction for t in run.tasks}
     instructions[t2.name] = pool[c]
-    row = train_sapo.evaluate_row(run, state, cand_dir, f"after {t2.name} with candidate {c}", instructions)
+    row = train_sapo.evaluate_row(arm, state, cand_dir, f"after {t2.name} with candidate {c}, seed {s}",
+                                  instructions)
     back_to_s1(state, s1_adapters)
     return {task: s["rougeL"] for task, s in row.scores.items()}
 
 
-def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen, run_dir: Path) -> PairResult:
-    """One training pair: S1, the indicators, one T2 training + evaluation per candidate. Nothing is computed twice:
-    a pair whose files are all on disk does not even load the model."""
+@dataclass
+class Budget:
+    """What a study costs, counted before it starts (the first line it prints), and its wall-time estimate from the
+    first arm it trains."""
+
+    pairs: int
+    candidates: int  # per pair (the smallest pool when pools differ)
+    seeds: int
+    steps_per_training: int
+    generated_answers: int  # evaluations of every arm + the zero-shot indicators (static and adaptive)
+    scored_sequences: int  # pre-update losses: candidates x scoring instances x 2 (static and adaptive), per pair
+
+    @property
+    def trainings(self) -> int:
+        return self.pairs * (1 + self.candidates * self.seeds)
+
+    def line(self) -> str:
+        return (f"study: {self.pairs} pair(s) x {self.candidates} candidates x {self.seeds} seed(s) = "
+                f"{self.pairs * self.candidates * self.seeds} T2 trainings (+{self.pairs} T1), "
+                f"{self.steps_per_training} optimizer steps each; {self.generated_answers} generated answers; "
+                f"{self.scored_sequences} scored sequences; wall time: estimated after the first arm")
+
+
+def study_budget(config: ProbeConfig, tasks: dict, pool_lengths: list[int]) -> Budget:
+    pairs = config.pair_names()
+    answers = scored = 0
+    for (t1, t2), k in zip(pairs, pool_lengths):
+        evaluated = [t1, t2] + [u for u in config.unseen_names() if u not in (t1, t2)]
+        per_arm = sum(min(config.eval_instances or 10**9, len(tasks[t].split(config.eval_split))) for t in evaluated)
+        n = len(tasks[t2].split(train_sapo.training_split(tasks[t2], config)))
+        answers += k * config.seeds * per_arm + 2 * k * min(config.zero_shot_instances or config.score_instances, n)
+        scored += 2 * k * min(config.score_instances, n)
+    t2_n = len(tasks[pairs[0][1]].split(train_sapo.training_split(tasks[pairs[0][1]], config)))
+    steps = config.epochs * math.ceil(min(config.train_instances, t2_n) / config.global_batch_size)
+    return Budget(pairs=len(pairs), candidates=min(pool_lengths), seeds=config.seeds, steps_per_training=steps,
+                  generated_answers=answers, scored_sequences=scored)
+
+
+def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen, run_dir: Path,
+               clock: dict) -> PairResult:
+    """One training pair: S1, the indicators, one T2 training + evaluation per candidate and seed. Nothing is
+    computed twice: a pair whose files are all on disk does not even load the model. `clock` carries the study's
+    arms left and the first arm's time across pairs (the wall-time estimate)."""
     pair_dir = run_dir / f"{t1.name}--{t2.name}"
     run = train_sapo.Run(config, accelerator, [t1, t2, *unseen], pair_dir, tokenizer, *base)
     stored = read_record(pair_dir / "indicators.json", StoredIndicators, default=None, undefined_floats=True,
@@ -472,27 +634,42 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
                                           state_id=s1().state_id(run), cache_path=run_dir / "paraphrases.json")
         if len(pool) < 2:
             raise SapoError(f"task {t2.name} has {len(pool)} candidate: the study needs a pool of 2 or more")
-        indicators, conflict = pre_update_indicators(run, s1(), t1, t2, unseen, pool, pair_dir)
+        indicators, static, conflict = pre_update_indicators(run, s1(), t1, t2, unseen, pool, pair_dir)
         # indicators.json last: it marks the step done (a kill in between recomputes both).
         # Strict JSON: an undefined number (NaN: no unseen task, a constant column) is written as null.
         run.save(pair_dir / "conflict.json", json_safe([dataclasses.asdict(x) for x in conflict]))
-        run.save(pair_dir / "indicators.json",
-                 json_safe(dataclasses.asdict(StoredIndicators(candidates=pool, indicators=indicators))))
+        instances = indicator_instances(config, t2)
+        run.save(pair_dir / "indicators.json", json_safe(dataclasses.asdict(StoredIndicators(
+            candidates=pool, instances=instances, indicators=indicators, static=static))))
     else:
-        pool, indicators = stored.candidates, stored.indicators
+        pool, indicators, static = stored.candidates, stored.indicators, stored.static
+        instances = stored.instances
         conflict = read_record(pair_dir / "conflict.json", list[Conflict], undefined_floats=True, advice=PAIR_ADVICE)
-    scores = []
+    seed_scores = []
     for c in range(len(pool)):
-        done = read_record(pair_dir / f"candidate-{c:02d}" / "scores.json", train_sapo.Row, default=None,
-                           advice="delete it to evaluate that candidate again")
-        if done is not None:
-            scores.append({task: s["rougeL"] for task, s in done.scores.items()})
-            continue
-        accelerator.print(f"{t1.name}->{t2.name}: candidate {c + 1}/{len(pool)}: {pool[c][:80]!r}")
-        state = s1()
-        scores.append(train_and_evaluate(run, state, t1, t2, c, pool, pair_dir, state.adapter_dirs[:1]))
+        runs = []
+        for s in range(config.seeds):
+            done = read_record(arm_dir(pair_dir, c, s) / "scores.json", train_sapo.Row, default=None,
+                               advice="delete it to evaluate that arm again")
+            if done is not None:
+                runs.append({task: x["rougeL"] for task, x in done.scores.items()})
+                continue
+            accelerator.print(f"{t1.name}->{t2.name}: candidate {c + 1}/{len(pool)}, seed {s + 1}/{config.seeds}: "
+                              f"{pool[c][:80]!r}")
+            state = s1()
+            start = time.perf_counter()
+            runs.append(train_and_evaluate(run, state, t1, t2, c, s, pool, pair_dir, state.adapter_dirs[:1]))
+            clock["left"] -= 1
+            if "first_arm" not in clock:
+                clock["first_arm"] = time.perf_counter() - start
+                accelerator.print(f"first arm: {clock['first_arm']:.0f} s -> about "
+                                  f"{clock['first_arm'] * clock['left'] / 60:.1f} min for the {clock['left']} arms "
+                                  "left (plus the indicators of pairs not scored yet)")
+        seed_scores.append(runs)
+    scores = [{task: float(np.mean([r[task] for r in runs])) for task in runs[0]} for runs in seed_scores]
     return PairResult(t1=t1.name, t2=t2.name, unseen=[u.name for u in unseen], candidates=pool,
-                      indicators=indicators, scores=scores, conflict=conflict)
+                      indicators=indicators, scores=scores, conflict=conflict, static=static,
+                      seed_scores=seed_scores, instances=instances)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -528,43 +705,167 @@ def correlation_matrix(columns: list[list[float]], tasks: list[str], method, con
     return Correlations(tasks, matrix, low, high)
 
 
-def indicator_correlation(pair: PairResult, name: str, method, candidates=None) -> float:
-    """The correlation across candidates between an indicator (signed: higher = predicted better) and the post-training
-    score on each cross task, averaged over those tasks: one number per pair."""
+def indicator_correlation(pair: PairResult, name: str, method, candidates=None, static: bool = False) -> float:
+    """The correlation across candidates between an indicator (signed: higher = predicted better; `static`: its
+    base-model version) and the post-training score (mean over seeds) on each cross task, averaged over those tasks:
+    one number per pair."""
     idx = np.arange(len(pair.candidates)) if candidates is None else candidates
-    values = Indicators.sign(name) * np.asarray([getattr(pair.indicators[c], name) for c in idx], dtype=np.float64)
+    table = pair.static if static else pair.indicators
+    values = Indicators.sign(name) * np.asarray([getattr(table[c], name) for c in idx], dtype=np.float64)
     return nanmean(method(values, [pair.scores[c][task] for c in idx]) for task in pair.cross_tasks)
+
+
+VARIANTS = {"adaptive": "under S1, the state T2 is trained from (SAPO's premise)",
+            "static": "under the base model, S1's adapters bypassed"}
 
 
 @dataclass
 class IndicatorSummary:
     definition: str
     sign: int
+    variant: str  # a key of VARIANTS
+    instances: dict[str, int]  # pair -> the T2 instances it was computed on (0: the instruction's text alone)
     spearman: dict[str, float]  # pair -> the pair's mean correlation
     pearson: dict[str, float]
-    mean: float  # of the pairs' Spearman correlations
-    low: float
+    mean: float  # plain mean of the pairs' Spearman correlations
+    pooled: float  # Fisher-z pooled Spearman correlation (tasks.statistics.fisher_z_pool, weights K - 3)
+    low: float  # bootstrap interval of `pooled` (candidates resampled within each pair)
     high: float
 
 
-def summarize_indicators(pairs: list[PairResult], config: ProbeConfig) -> dict[str, IndicatorSummary]:
-    """Per indicator: each pair's mean correlation, their mean, and a bootstrap interval resampling the candidates
-    within each pair (and the pairs, when there are several)."""
-    out = {}
-    for name in Indicators.names():
-        per_pair = [indicator_correlation(p, name, spearman) for p in pairs]
+@dataclass
+class Difference:
+    """A difference of two statistics computed on the same bootstrap draws (a paired interval)."""
 
-        def statistic(idx):
-            chosen = idx[0] if len(pairs) > 1 else [0]
-            return nanmean(indicator_correlation(pairs[int(k)], name, spearman, idx[1 + int(k)]) for k in chosen)
+    estimate: float
+    low: float
+    high: float
 
-        sizes = [len(pairs)] + [len(p.candidates) for p in pairs]
-        low, high = bootstrap_interval(statistic, sizes, config.bootstrap, config.confidence, config.seed)
-        out[name] = IndicatorSummary(definition=Indicators.definition(name), sign=Indicators.sign(name),
-                                     spearman={p.label: r for p, r in zip(pairs, per_pair)},
-                                     pearson={p.label: indicator_correlation(p, name, pearson) for p in pairs},
-                                     mean=nanmean(per_pair), low=low, high=high)
-    return out
+    def verdict(self) -> str:
+        if self.low > 0:
+            return "> 0"
+        if self.high < 0:
+            return "< 0"
+        return "interval holds 0" if math.isfinite(self.low) else "undefined"
+
+
+@dataclass
+class TaskNoise:
+    """One task's variance decomposition (tasks.statistics.VarianceDecomposition) of the relative change over the
+    K candidates x S seeds of a pair, in relative-change units (0.1 = 10% of the original's score)."""
+
+    task: str
+    role: str  # in-task (T2), forgetting (T1) or unseen
+    candidate_sd: float  # sqrt of the candidate variance component: the spread due to the instruction
+    seed_sd: float  # sqrt of the seed variance component: the noise floor (same instruction, another seed)
+    f: float
+    p_value: float  # permutation test: is the candidate spread above the seed noise?
+    seeds: int
+
+
+@dataclass
+class Analysis:
+    """Every statistic of the study, intervals from one set of bootstrap draws (so differences are paired)."""
+
+    indicators: dict[str, IndicatorSummary]  # state-adaptive (under S1), every indicator
+    static: dict[str, IndicatorSummary]  # static (base model), the model indicators
+    versus_loss: dict[str, Difference]  # pooled r of the adaptive pre-update loss minus that of each other one
+    adaptive_minus_static: dict[str, Difference]  # per model indicator: pooled r under S1 minus under the base
+    noise: dict[str, list[TaskNoise]]  # pair -> per task (T2 first)
+    spread: dict[str, Difference]  # pair (and "pooled", the mean over pairs) -> cross-task minus in-task candidate_sd
+    cross_correlation: dict[str, Difference]  # pearson / spearman -> Fisher-z pooled off-diagonal r over all pairs
+
+
+def candidate_sd(table: np.ndarray | None) -> float:
+    return float("nan") if table is None else variance_decomposition(table, permutations=0).candidate_sd
+
+
+def spread_difference(pair: PairResult, idx) -> float:
+    """Mean over the cross tasks of their candidate_sd, minus T2's (> 0: the instruction matters more across tasks
+    than in-task, the paper's Figure 1 claim), on the candidates `idx`."""
+    def sd(task):
+        table = pair.relative_table(task)
+        return candidate_sd(None if table is None else table[idx])
+    return nanmean(sd(t) for t in pair.cross_tasks) - sd(pair.t2)
+
+
+def pooled_cross_correlation(pairs: list[PairResult], method, draws) -> float:
+    """Fisher-z pooled correlation across candidates between the scores of every two cross tasks, all pairs."""
+    rs, ns = [], []
+    for pair, idx in zip(pairs, draws):
+        for a, b in itertools.combinations(pair.cross_tasks, 2):
+            rs.append(method([pair.scores[c][a] for c in idx], [pair.scores[c][b] for c in idx]))
+            ns.append(len(idx))
+    return fisher_z_pool(rs, ns)
+
+
+def analyse(pairs: list[PairResult], config: ProbeConfig) -> Analysis:
+    """Pooling over pairs and the intervals. Each bootstrap draw resamples the candidates (with all their seeds)
+    within each pair, the pairs fixed, and computes every statistic on that draw."""
+    names, model_names = Indicators.names(), Indicators.model_names()
+    keys = [("adaptive", n) for n in names] + [("static", n) for n in model_names] + \
+        [("spread", p.label) for p in pairs] + [("spread", "pooled"), ("cross", "pearson"), ("cross", "spearman")]
+
+    def statistics(draws) -> list[float]:
+        out = {}
+        for variant, group in (("adaptive", names), ("static", model_names)):
+            for n in group:
+                out[variant, n] = fisher_z_pool(
+                    [indicator_correlation(p, n, spearman, d, static=variant == "static") for p, d in
+                     zip(pairs, draws)], [len(d) for d in draws])
+        for p, d in zip(pairs, draws):
+            out["spread", p.label] = spread_difference(p, d)
+        out["spread", "pooled"] = nanmean(out["spread", p.label] for p in pairs)
+        for method in (pearson, spearman):
+            out["cross", method.__name__] = pooled_cross_correlation(pairs, method, draws)
+        return [out[k] for k in keys]
+
+    sizes = [len(p.candidates) for p in pairs]
+    point = dict(zip(keys, statistics([np.arange(n) for n in sizes])))
+    samples = bootstrap_samples(statistics, sizes, config.bootstrap, config.seed)
+    column = {k: samples[:, i] for i, k in enumerate(keys)}
+
+    def interval(values) -> tuple[float, float]:
+        return percentile_interval(values, config.confidence)
+
+    def difference(a, b) -> Difference:
+        return Difference(point[a] - point[b], *interval(column[a] - column[b]))
+
+    def summary(variant, n) -> IndicatorSummary:
+        return IndicatorSummary(definition=Indicators.definition(n), sign=Indicators.sign(n), variant=variant,
+                                instances={p.label: p.instances.get(n, 0) for p in pairs},
+                                spearman={p.label: indicator_correlation(p, n, spearman, static=variant == "static")
+                                          for p in pairs},
+                                pearson={p.label: indicator_correlation(p, n, pearson, static=variant == "static")
+                                         for p in pairs},
+                                mean=nanmean(indicator_correlation(p, n, spearman, static=variant == "static")
+                                             for p in pairs),
+                                pooled=point[variant, n], low=interval(column[variant, n])[0],
+                                high=interval(column[variant, n])[1])
+
+    noise = {}
+    for p in pairs:
+        roles = {p.t2: "in-task", p.t1: "forgetting (T1)"}
+        rows = []
+        for task in [p.t2, *p.cross_tasks]:
+            table = p.relative_table(task)
+            v = variance_decomposition(table, config.permutations, config.seed) if table is not None else None
+            rows.append(TaskNoise(task=task, role=roles.get(task, "unseen"),
+                                  candidate_sd=v.candidate_sd if v else float("nan"),
+                                  seed_sd=v.seed_sd if v else float("nan"), f=v.f if v else float("nan"),
+                                  p_value=v.p_value if v else float("nan"), seeds=len(p.seed_scores[0])))
+        noise[p.label] = rows
+    return Analysis(
+        indicators={n: summary("adaptive", n) for n in names},
+        static={n: summary("static", n) for n in model_names},
+        versus_loss={**{n: difference(("adaptive", "pre_update_loss"), ("adaptive", n))
+                        for n in names if n != "pre_update_loss"},
+                     **{f"static:{n}": difference(("adaptive", "pre_update_loss"), ("static", n))
+                        for n in model_names}},
+        adaptive_minus_static={n: difference(("adaptive", n), ("static", n)) for n in model_names},
+        noise=noise,
+        spread={k[1]: Difference(point[k], *interval(column[k])) for k in keys if k[0] == "spread"},
+        cross_correlation={k[1]: Difference(point[k], *interval(column[k])) for k in keys if k[0] == "cross"})
 
 
 def cross_task_performance(pair: PairResult) -> list[float]:
@@ -666,16 +967,30 @@ def clean(obj):
 
 
 def write_outputs(run_dir: Path, config: ProbeConfig, pairs: list[PairResult], correlations: dict,
-                  indicators: dict[str, IndicatorSummary], pool: list[PoolSummary]) -> dict:
+                  analysis: Analysis, pool: list[PoolSummary]) -> dict:
+    indicators = analysis.indicators
     summary = {
         "relative_change": RELATIVE_CHANGE,
+        "protocol": {"seeds": config.seeds, "seed_stride": SEED_STRIDE, "bootstrap": config.bootstrap,
+                     "confidence": config.confidence, "permutations": config.permutations,
+                     "interval": "percentile bootstrap: the candidates (with all their seeds) resampled within each "
+                                 "pair, the pairs fixed; differences are paired (both statistics on the same draws)",
+                     "pooled": "Fisher z: tanh(sum (K-3) atanh r_pair / sum (K-3)), r clipped to +-0.9999",
+                     "variants": VARIANTS},
         "indicators": {name: dataclasses.asdict(s) for name, s in indicators.items()},
+        "static_indicators": {name: dataclasses.asdict(s) for name, s in analysis.static.items()},
+        "pre_update_loss_minus": {name: dataclasses.asdict(d) for name, d in analysis.versus_loss.items()},
+        "adaptive_minus_static": {name: dataclasses.asdict(d) for name, d in analysis.adaptive_minus_static.items()},
+        "noise_floor": {pair: [dataclasses.asdict(t) for t in rows] for pair, rows in analysis.noise.items()},
+        "cross_minus_in_task_spread": {k: dataclasses.asdict(d) for k, d in analysis.spread.items()},
+        "cross_task_correlation_pooled": {k: dataclasses.asdict(d) for k, d in analysis.cross_correlation.items()},
         **{method: {p.label: {**dataclasses.asdict(c), "mean_off_diagonal": c.mean_off_diagonal()}
                     for p, c in zip(pairs, correlations[method])} for method in ("pearson", "spearman")},
         "pool_size": [dataclasses.asdict(x) for x in pool],
         "pool_size_baseline": any_candidate(pairs),  # a candidate drawn at random
         "pairs": [{"pair": p.label, "t1": p.t1, "t2": p.t2, "unseen": p.unseen, "candidates": p.candidates,
-                   "scores": p.scores, "relative_change": {t: p.relative(t) for t in [p.t2, *p.cross_tasks]},
+                   "scores": p.scores, "seed_scores": p.seed_scores,
+                   "relative_change": {t: p.relative(t) for t in [p.t2, *p.cross_tasks]},
                    "cross_task_performance": cross_task_performance(p), "relative_change_spread": p.spread(),
                    "conflict": [dataclasses.asdict(x) for x in p.conflict]} for p in pairs],
     }
@@ -690,11 +1005,16 @@ def write_outputs(run_dir: Path, config: ProbeConfig, pairs: list[PairResult], c
         [[p.label, method, a, b, c.matrix[i][j], c.low[i][j], c.high[i][j]]
          for method in ("pearson", "spearman") for p, c in zip(pairs, correlations[method])
          for (i, a), (j, b) in itertools.combinations(enumerate(c.tasks), 2)]))
+    every = [*indicators.values(), *analysis.static.values()]
     write_text_atomic(run_dir / "indicators.csv", csv_text(
-        ["indicator", "sign", "pair", "spearman", "pearson", "definition"],
-        [[n, s.sign, pair, s.spearman[pair], s.pearson[pair], s.definition] for n, s in indicators.items()
-         for pair in s.spearman] + [[n, s.sign, "mean", s.mean, "", f"interval {s.low:.3f}..{s.high:.3f}"]
-                                    for n, s in indicators.items()]))
+        ["indicator", "variant", "sign", "pair", "instances", "spearman", "pearson", "low", "high", "definition"],
+        [[s_name, s.variant, s.sign, pair, s.instances[pair], s.spearman[pair], s.pearson[pair], "", "",
+          s.definition] for s_name, s in zip([*indicators, *analysis.static], every) for pair in s.spearman] +
+        [[s_name, s.variant, s.sign, "pooled (Fisher z)", "", s.pooled, "", s.low, s.high, ""]
+         for s_name, s in zip([*indicators, *analysis.static], every)]))
+    write_text_atomic(run_dir / "noise_floor.csv", csv_text(
+        ["pair", *[f.name for f in dataclasses.fields(TaskNoise)]],
+        [[pair, *dataclasses.astuple(t)] for pair, rows in analysis.noise.items() for t in rows]))
     write_text_atomic(run_dir / "pool_size.csv", csv_text(
         [f.name for f in dataclasses.fields(PoolSummary)], [list(dataclasses.astuple(x)) for x in pool]))
     write_text_atomic(run_dir / "conflict.csv", csv_text(
@@ -704,7 +1024,7 @@ def write_outputs(run_dir: Path, config: ProbeConfig, pairs: list[PairResult], c
     return summary
 
 
-def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, indicators: dict[str, IndicatorSummary],
+def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, analysis: Analysis,
                  pool: list[PoolSummary]):
     import matplotlib
 
@@ -754,22 +1074,42 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ind
         fig.savefig(run_dir / f"scatter_{pair.t1}--{pair.t2}.png", dpi=80)
         plt.close(fig)
 
-    # Indicators (Fig. 3): mean Spearman correlation with the cross-task scores, interval, and each pair's value.
-    names = list(indicators)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    # Indicators (Fig. 3): pooled Spearman correlation with the cross-task scores, interval, each pair's value;
+    # the static (base-model) version below the state-adaptive one.
+    names = list(analysis.indicators)
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.2))
     for y, name in enumerate(names):
-        s = indicators[name]
-        ax.errorbar([s.mean], [y], xerr=[[s.mean - s.low], [s.high - s.mean]] if math.isfinite(s.low) else None,
-                    fmt="o", color="C0", capsize=3)
-        ax.scatter(list(s.spearman.values()), [y] * len(s.spearman), color="C1", s=10, zorder=3)
+        for offset, table, color in ((-0.15, analysis.indicators, "C0"), (0.15, analysis.static, "C2")):
+            if name not in table:
+                continue
+            s = table[name]
+            ax.errorbar([s.pooled], [y + offset], fmt="o", color=color, capsize=3, ms=4,
+                        xerr=[[s.pooled - s.low], [s.high - s.pooled]] if math.isfinite(s.low + s.pooled) else None)
+            ax.scatter(list(s.spearman.values()), [y + offset] * len(s.spearman), color="C1", s=8, zorder=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()  # the first indicator (SAPO's) on top
     ax.set_xlim(-1.05, 1.05)
-    ax.set_xlabel("Spearman r with the cross-task scores after training\n(signed: > 0 = the indicator predicts; "
-                  "blue: mean and interval, orange: pairs)", fontsize=8)
+    ax.set_xlabel("Spearman r with the cross-task scores after training (signed: > 0 = the indicator predicts)\n"
+                  "blue: under S1 (pooled, interval), green: under the base model, orange: pairs", fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "indicators.png", dpi=90)
+    plt.close(fig)
+
+    # Noise floor: per pair and task, the spread due to the instruction against the spread due to the seed.
+    fig, axes = plt.subplots(len(pairs), 1, figsize=(7, 3 * len(pairs)), squeeze=False)
+    for ax, pair in zip(axes[:, 0], pairs):
+        rows = analysis.noise[pair.label]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [100 * t.candidate_sd for t in rows], 0.4, label="candidates (instruction)")
+        ax.bar(x + 0.2, [100 * t.seed_sd for t in rows], 0.4, label="seeds of one candidate (noise floor)")
+        ax.set_xticks(x, [f"{t.task}\n{t.role}\np={t.p_value:.2f}" for t in rows], fontsize=7)
+        ax.set_ylabel("sd of relative change (%)", fontsize=8)
+        ax.set_title(f"{pair.label}: variance components over {len(pair.candidates)} candidates x "
+                     f"{len(pair.seed_scores[0])} seeds", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run_dir / "noise_floor.png", dpi=90)
     plt.close(fig)
 
     # Gradient conflict (Fig. 4): per candidate, the per-module cosines with T1's and the unseen task's gradient.
@@ -809,18 +1149,34 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ind
     plt.close(fig)
 
 
-def print_summary(run_dir: Path, pairs, correlations, indicators: dict[str, IndicatorSummary],
-                  pool: list[PoolSummary]):
+def print_summary(run_dir: Path, pairs, correlations, analysis: Analysis, pool: list[PoolSummary],
+                  config: ProbeConfig):
+    level = f"{100 * config.confidence:.0f}%"
     print()
     for p in pairs:
-        print(f"{p.label}: spread (std over paraphrases) of the relative change: "
-              + ", ".join(f"{task}{' (in-task)' if task == p.t2 else ''} {100 * x:.1f}%"
-                          for task, x in p.spread().items()))
-    print(f"{'indicator':<31} {'mean Spearman':>13}  interval")
-    for name, s in sorted(indicators.items(), key=lambda kv: -kv[1].mean if math.isfinite(kv[1].mean) else 9):
-        print(f"{name:<31} {s.mean:>13.3f}  [{s.low:.3f}, {s.high:.3f}]")
-    for method in ("pearson", "spearman"):
-        print(f"{method} heatmap, mean off-diagonal: "
+        print(f"{p.label}: noise floor over {len(p.candidates)} candidates x {len(p.seed_scores[0])} seeds (sd of the "
+              "relative change due to the candidate / due to the seed, permutation p):")
+        for t in analysis.noise[p.label]:
+            print(f"  {t.task:<28} {t.role:<16} candidates {100 * t.candidate_sd:6.1f}%  seeds "
+                  f"{100 * t.seed_sd:6.1f}%  p={t.p_value:.3f}")
+    for key, d in analysis.spread.items():
+        print(f"cross-task minus in-task candidate sd, {key}: {100 * d.estimate:+.1f}% "
+              f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}] ({d.verdict()})")
+    print(f"{'indicator (Spearman, Fisher-z pooled)':<38} {'under S1':>9}  {'interval':<16} {'base':>7}  "
+          f"{'S1 - base':>10}  interval         n")
+    for name, s in sorted(analysis.indicators.items(), key=lambda kv: -kv[1].pooled if math.isfinite(kv[1].pooled)
+                          else 9):
+        static, diff = analysis.static.get(name), analysis.adaptive_minus_static.get(name)
+        print(f"{name:<38} {s.pooled:>9.3f}  [{s.low:6.3f}, {s.high:6.3f}] "
+              + (f"{static.pooled:>7.3f}  {diff.estimate:>+10.3f}  [{diff.low:+.3f}, {diff.high:+.3f}]"
+                 if static else f"{'':>7}  {'':>10}  {'':<16}")
+              + f"  {max(s.instances.values())}")
+    print(f"pre_update_loss minus each other indicator (pooled Spearman, paired {level} interval):")
+    for name, d in analysis.versus_loss.items():
+        print(f"  {name:<38} {d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}] ({d.verdict()})")
+    for method, d in analysis.cross_correlation.items():
+        print(f"{method} between cross tasks, pooled over pairs: {d.estimate:.3f} [{d.low:.3f}, {d.high:.3f}]; "
+              "per pair mean off-diagonal: "
               + ", ".join(f"{p.label} {c.mean_off_diagonal():.3f}" for p, c in zip(pairs, correlations[method])))
     print("pool size k -> mean cross-task relative change of SAPO's pick: "
           + ", ".join(f"{x.k}: {100 * x.mean:+.1f}%" for x in pool) + f" (a random candidate: "
@@ -841,11 +1197,14 @@ def main(argv=None):
     accelerator = Accelerator(**accelerator_kwargs(launch))
     check_accelerator(accelerator, "probe_prompts.py", train_sapo.training_recipe(config),
                       resolve_dtype(config.dtype, accelerator.device))  # the launch as built, before any model loads
-    accelerator.print(train_sapo.describe_preset(config))
     train_sapo.check_batch_split(config, accelerator.num_processes)
     set_seed(config.seed)
     names = config.sequence.split(",")
     tasks = dict(zip(names, train_sapo.load_tasks(config, accelerator)))  # bad names fail before any model loads
+    pool_lengths = [config.generate + 1 if config.generate else len(config.pool_source().build(tasks[t2]))
+                    for _, t2 in config.pair_names()]
+    accelerator.print(study_budget(config, tasks, pool_lengths).line())  # the first line: what the study costs
+    accelerator.print(train_sapo.describe_preset(config))
     base = resolve(config.model)
     key = train_sapo.run_key(config, list(tasks.values()), *base)
     if not config.generate:  # the T2 pools are inputs too: another pool is another study
@@ -854,18 +1213,22 @@ def main(argv=None):
     run_dir = train_sapo.prepare_run_dir(config, key, overwrite, accelerator)
     tokenizer = load_tokenizer(config.model)
     pairs = []
+    arms_done = sum((arm_dir(run_dir / f"{t1}--{t2}", c, s) / "scores.json").exists()
+                    for (t1, t2), k in zip(config.pair_names(), pool_lengths) for c in range(k)
+                    for s in range(config.seeds))
+    clock = {"left": sum(pool_lengths) * config.seeds - arms_done}
     for t1, t2 in config.pair_names():
         unseen = [tasks[u] for u in config.unseen_names() if u not in (t1, t2)]
-        pairs.append(probe_pair(config, accelerator, tokenizer, base, tasks[t1], tasks[t2], unseen, run_dir))
+        pairs.append(probe_pair(config, accelerator, tokenizer, base, tasks[t1], tasks[t2], unseen, run_dir, clock))
     if accelerator.is_main_process:
         correlations = {method.__name__: [correlation_matrix([p.scores_on(t) for t in p.cross_tasks], p.cross_tasks,
                                                              method, config) for p in pairs]
                         for method in (pearson, spearman)}
-        indicators = summarize_indicators(pairs, config)
+        analysis = analyse(pairs, config)
         pool = summarize_pool_size(pairs, config)
-        write_outputs(run_dir, config, pairs, correlations, indicators, pool)
-        plot_figures(run_dir, pairs, correlations, indicators, pool)
-        print_summary(run_dir, pairs, correlations, indicators, pool)
+        write_outputs(run_dir, config, pairs, correlations, analysis, pool)
+        plot_figures(run_dir, pairs, correlations, analysis, pool)
+        print_summary(run_dir, pairs, correlations, analysis, pool, config)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

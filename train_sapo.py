@@ -70,6 +70,7 @@ class Config:
     paraphrase_api: str | None = None  # OpenAI-compatible chat endpoint for --generate
     meta_prompt: str | None = None  # file: the request for a --generate rewrite, {instruction} in it (None: built-in)
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
+    pool_sample: int | None = None  # ours: --max-candidates N drawn at random with this seed (the original always in)
     score_instances: int = 250  # candidates are scored on the first N training instances
     race_first: int = 8  # sapo-race (ours): instances of the first round (then x2 per round up to score_instances)
     race_confidence: float = 0.95  # racing and re-selection (ours): confidence of a drop or a switch; 1.0 = never
@@ -117,8 +118,8 @@ class Config:
 
     def pool_source(self) -> PoolSource:
         return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
-                          generate=self.generate, paraphraser=self.paraphraser, paraphrase_api=self.paraphrase_api,
-                          seed=self.seed, meta_prompt=self.meta_prompt)
+                          pool_sample=self.pool_sample, generate=self.generate, paraphraser=self.paraphraser,
+                          paraphrase_api=self.paraphrase_api, seed=self.seed, meta_prompt=self.meta_prompt)
 
     def fixed_candidate(self) -> int | None:
         """K of --select fixed:K (train with candidate K of the pool, unscored), else None."""

@@ -43,7 +43,7 @@ def check_ranges(values: dict, ranges: dict[str, Range]):
 
 
 # Flags both scripts have, with the same meaning.
-POOL_RANGES = {"generate": Range(0), "max_candidates": Range(1), "race_first": Range(1),
+POOL_RANGES = {"generate": Range(0), "max_candidates": Range(1), "pool_sample": Range(0, MAX_SEED), "race_first": Range(1),
                "race_confidence": Range(0, 1, low_open=True), "seed": Range(0, MAX_SEED)}
 
 
