@@ -62,6 +62,7 @@ import torch
 from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, encode_generation_prompt, pad_batch, render_prompt, render_response
+from tasks.sharding import lockstep, weights_for_forward
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
 SCORES = ("rougeL", "exact_match")
@@ -119,16 +120,23 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     my_batches = batches[accelerator.process_index::accelerator.num_processes]
+    sharded = lockstep(net)  # FSDP2 / ZeRO-3 (tasks/sharding.py): every process runs as many generate calls
+    rounds = math.ceil(len(batches) / accelerator.num_processes) if sharded else len(my_batches)
 
     was_training = net.training
     net.eval()
     mine = []  # (instance index, answer)
     try:
-        bar = tqdm(my_batches, desc=f"generate {task.name}", disable=not (progress and accelerator.is_main_process))
-        for batch in bar:
+        bar = tqdm(range(rounds), desc=f"generate {task.name}", disable=not (progress and accelerator.is_main_process))
+        for r in bar:
+            batch = my_batches[r] if r < len(my_batches) else batches[-1]  # beyond its own: a discarded batch
             input_ids = pad_batch([prompts[i] for i in batch], pad_id, side="left").to(device)
             attention_mask = pad_batch([[1] * len(prompts[i]) for i in batch], 0, side="left").to(device)
-            out = net.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            with weights_for_forward(net):  # synced_gpus: a process that is done steps on until every one is
+                out = net.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                   synced_gpus=sharded)
+            if r >= len(my_batches):
+                continue
             for i, row in zip(batch, out[:, input_ids.shape[1]:].tolist()):
                 cut = next((k for k, t in enumerate(row) if t in stops), len(row))  # drop the stop token + padding
                 mine.append((i, tokenizer.decode(row[:cut], skip_special_tokens=True).strip()))

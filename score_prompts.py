@@ -51,6 +51,7 @@ from tasks.prompts import encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, score_key
+from tasks.sharding import lockstep, weights_for_forward
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
@@ -208,6 +209,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
 
     # 2. Encode every (candidate, instance) sequence and plan the batches globally (every process does the same
     #    deterministic work: the plan needs every length).
+    sharded = lockstep(model)  # FSDP2 / ZeRO-3 (tasks/sharding.py)
     setup = packing.scoring_setup(model)
     encoded, where = [], []  # global sequence id -> Encoded, (candidate, instance)
     lengths, prefixes = {}, {}
@@ -232,7 +234,9 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
     model.eval()
     bar = tqdm(total=len(batches), desc=f"scoring {task.name}", disable=not (progress and is_main), leave=False)
     try:
-        with torch.inference_mode():
+        # Sharded: no_grad, as FSDP2's unsharded buffers made under inference_mode refuse a later training step
+        with torch.no_grad() if sharded else torch.inference_mode(), weights_for_forward(model):
+            setup = packing.scoring_setup(model)  # FSDP2: the head as unsharded now
             for step in range(math.ceil(len(batches) / world)):
                 b = step * world + rank
                 mine = []
@@ -240,6 +244,8 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
                     tb = time.perf_counter()
                     out = packing.score_batch(model, setup, batches[b], encoded, pad_id)
                     mine = [(b, time.perf_counter() - tb, [(sid, s, n) for sid, (s, n) in out.items()])]
+                elif sharded:  # every process runs as many forwards (their gathers are collective): one discarded
+                    packing.score_batch(model, setup, batches[-1], encoded, pad_id)
                 gathered = gather_object(mine) if world > 1 else mine
                 finished = []
                 for gb, sec, items in sorted(gathered, key=lambda x: x[0]):

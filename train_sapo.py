@@ -557,12 +557,13 @@ def check_checkpoint_keys(model, checkpoint: Path):
                         f"train_sapo.py?); delete {checkpoint} to train this task again from its start")
 
 
-def save_adapter(peft_model, name: str, adapter_dir: Path):
-    """Save one adapter so that stock `PeftModel.from_pretrained(base, adapter_dir)` loads it."""
+def save_adapter(peft_model, name: str, adapter_dir: Path, state_dict=None):
+    """Save one adapter so that stock `PeftModel.from_pretrained(base, adapter_dir)` loads it. Sharded weights:
+    pass their gathered tensors (tasks.sharding.adapter_state_dict)."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with writing(tmp):
-        peft_model.save_pretrained(str(tmp), selected_adapters=[name])
+        peft_model.save_pretrained(str(tmp), selected_adapters=[name], state_dict=state_dict)
     saved = tmp / name if (tmp / name / "adapter_config.json").exists() else tmp  # peft nests non-default names
     os.replace(saved, adapter_dir)
     shutil.rmtree(tmp, ignore_errors=True)
