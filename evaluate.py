@@ -62,7 +62,7 @@ import torch
 from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, encode_generation_prompt, pad_batch, render_prompt, render_response
-from tasks.sharding import lockstep, weights_for_forward
+from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
 SCORES = ("rougeL", "exact_match")
@@ -540,6 +540,7 @@ def run_main(args):
     dtype = resolve_dtype(args.dtype, accelerator.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype).to(accelerator.device)
+    model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
 
     results = []
     for task, (instruction, source) in zip(tasks, chosen):

@@ -51,7 +51,7 @@ from tasks.prompts import encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, score_key
-from tasks.sharding import lockstep, weights_for_forward
+from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
@@ -471,6 +471,7 @@ def main(argv=None):
     state_id = model_state_id(base, adapters) + ("" if dtype == torch.float32 else f"|{dtype}")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype).to(accelerator.device).eval()
+    model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
     if len(instances) < args.instances:
         accelerator.print(f"note: task {task.name} has {len(instances)} {args.split} instances (< {args.instances})")
     paraphrase_cache = args.paraphrase_cache or (str(out_dir / "paraphrases.json") if out_dir else None)

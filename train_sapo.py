@@ -43,6 +43,7 @@ from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_n
 from tasks.pools import PoolSource
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
 from tasks.score_cache import model_state_id
+from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
 from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
 
@@ -454,7 +455,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         set_gradient_checkpointing(net, True)
     # The whole loss computation is one module, so that DDP (which only reduces gradients of a backward that follows
     # a forward through its wrapper) sees it.
-    model, optimizer = accelerator.prepare(SupervisedNLL(peft_model, layout), optimizer)
+    model, optimizer = prepare_for_training(accelerator, SupervisedNLL(peft_model, layout), optimizer, net)
 
     checkpoint = task_dir / "checkpoint"
     log_path = task_dir / "train_log.jsonl"
@@ -533,7 +534,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     if config.gradient_checkpointing:
         set_gradient_checkpointing(net, False)
     accelerator.wait_for_everyone()
-    accelerator.free_memory()  # drop accelerate's references so the next task prepares a fresh wrapper
+    end_training(accelerator, net)  # accelerate's references dropped (ZeRO-3: inference hooks back on `net`)
     segment_reselect = (reselect.seconds - reselect_before) if reselect else 0.0
     return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
                                 seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
@@ -866,8 +867,10 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
             run.save(task_dir / "selection.json", chosen.to_json())
         # training.json first: an adapter on disk always has its record (a kill in between retrains the task).
         run.save(task_dir / "training.json", dataclasses.asdict(training))
+        # Sharded weights are gathered first, by every process (tasks/sharding.py)
+        weights = adapter_state_dict(state.peft_model, name) if lockstep(state.model) else None
         if accelerator.is_main_process:
-            save_adapter(state.peft_model, name, adapter_dir)
+            save_adapter(state.peft_model, name, adapter_dir, state_dict=weights)
         accelerator.wait_for_everyone()
     state.adapter_dirs = [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)]
     activate_adapters(state.peft_model, previous + [name], trainable=None)
@@ -971,6 +974,7 @@ def main(argv=None):
     # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
         accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
+    state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
     check_lora_targets(state.model, config.lora_targets)
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).

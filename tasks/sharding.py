@@ -144,7 +144,7 @@ def inference_config(deepspeed_config: dict) -> dict:
     return config
 
 
-def shard_for_inference(accelerator, model):
+def shard_for_inference(accelerator, model, announce: bool = True):
     """Right after loading: under ZeRO-3, an engine without optimizer puts its gathering hooks on `model` (the
     weights are already partitioned when accelerate's zero3_init loaded them, and partitioned here otherwise);
     under FSDP2 (score_prompts.py, evaluate.py), accelerate shards the model; else the model as it is."""
@@ -157,6 +157,9 @@ def shard_for_inference(accelerator, model):
         ds_engine, *_ = deepspeed.initialize(model=model, config=inference_config(
             accelerator.state.deepspeed_plugin.deepspeed_config))
         _live_engines[id(model)] = ds_engine
+    if engine != NONE and announce:
+        accelerator.print(f"sharded launch: {engine_of(model)}, each process holds 1/{accelerator.num_processes} of "
+                          "the weights")
     return model
 
 
@@ -183,4 +186,4 @@ def end_training(accelerator, net):
     evaluation and the next task's selection."""
     accelerator.free_memory()
     if launch_engine(accelerator) == ZERO3:
-        shard_for_inference(accelerator, net)
+        shard_for_inference(accelerator, net, announce=False)

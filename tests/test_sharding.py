@@ -115,7 +115,8 @@ def test_unsharded_model_is_left_as_it_is():
 def test_inference_config_keeps_zero_and_precision_and_drops_auto():
     launch_config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0,
                      "optimizer": {"type": "AdamW"}, "bf16": {"enabled": "auto"},
-                     "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "offload_param": {"device": "cpu"}}}
+                     "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                           "offload_param": {"device": "cpu"}}}
     assert sharding.inference_config(launch_config) == {
         "bf16": {}, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
