@@ -1,6 +1,6 @@
 """One process of a 2-process sharded run on CPU (gloo), launched by tests/test_sharding.py through torchrun:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/sharded_worker.py fsdp2|zero3 MODEL_DIR OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/sharded_worker.py fsdp2|zero3|zero3-offload MODEL DIR
 
 Under a real engine (torch FSDP2 `fully_shard`, or DeepSpeed ZeRO-3 through accelerate with DS_ACCELERATOR=cpu) it
 scores candidates (score_prompts.score_candidates), generates greedy answers (evaluate.generate_answers), saves an
@@ -34,6 +34,11 @@ ZERO3_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_step
                 "zero_allow_untested_optimizer": True,  # SGD
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                       "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 4096}}
+# The authors' kind of config: parameters and optimizer states offloaded to the CPU (DeepSpeed runs the client
+# optimizer there; zero_force_ds_cpu_optimizer False keeps torch's, as train_sapo passes its own AdamW).
+ZERO3_OFFLOAD_CONFIG = {**ZERO3_CONFIG, "zero_force_ds_cpu_optimizer": False,
+                        "zero_optimization": {**ZERO3_CONFIG["zero_optimization"], "offload_param": {"device": "cpu"},
+                                              "offload_optimizer": {"device": "cpu"}}}
 
 
 def make_task():
@@ -176,7 +181,7 @@ def run_fsdp2(model_dir: str, out_dir: Path):
     torch.save(out, out_dir / f"rank{rank}.pt")
 
 
-def run_zero3(model_dir: str, out_dir: Path):
+def run_zero3(model_dir: str, out_dir: Path, offload: bool = False):
     import evaluate
     import score_prompts
     import train_sapo
@@ -188,7 +193,8 @@ def run_zero3(model_dir: str, out_dir: Path):
     from tasks.train_step import SupervisedNLL, training_layout
 
     # gloo: on CPU accelerate would otherwise count one process (distributed-notes.md)
-    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ZERO3_CONFIG),
+    config = ZERO3_OFFLOAD_CONFIG if offload else ZERO3_CONFIG
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     rank, world = accelerator.process_index, accelerator.num_processes
     tok, task = load_tokenizer(model_dir), make_task()
@@ -234,5 +240,8 @@ def run_zero3(model_dir: str, out_dir: Path):
 if __name__ == "__main__":
     mode, model_dir, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     torch.manual_seed(0)
-    (run_fsdp2 if mode == "fsdp2" else run_zero3)(model_dir, out_dir)
+    if mode == "fsdp2":
+        run_fsdp2(model_dir, out_dir)
+    else:
+        run_zero3(model_dir, out_dir, offload=mode == "zero3-offload")
     os._exit(0)  # the process group and DeepSpeed's threads end with the process

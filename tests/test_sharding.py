@@ -93,9 +93,10 @@ def test_fsdp2_two_processes_match_one_process(model_dir, reference, tmp_path):
     check_saved_adapter(tmp_path / "adapter-t0", model_dir, reference)
 
 
-def test_zero3_two_processes_match_one_process(model_dir, reference, tmp_path):
+@pytest.mark.parametrize("mode", ["zero3", "zero3-offload"])  # offload: parameters and optimizer states on the CPU
+def test_zero3_two_processes_match_one_process(mode, model_dir, reference, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
-    ranks = launch("zero3", model_dir, tmp_path)
+    ranks = launch(mode, model_dir, tmp_path)
     for got in ranks:
         assert got["partitioned_at_load"] == sharding.ZERO3  # accelerate's zero3_init partitioned it at load
         assert got["engine"] == sharding.ZERO3
