@@ -163,6 +163,25 @@ def shard_for_inference(accelerator, model, announce: bool = True):
     return model
 
 
+def fill_hidden_size_autos(accelerator, net):
+    """DeepSpeed's bucket and persistence sizes left "auto" (as in the usual ZeRO-3 configs), filled from the model's
+    hidden size with accelerate's own rule: accelerate reads `model.config` of what it prepares, which the training
+    module (tasks.train_step.SupervisedNLL) does not have ("Can't find `model.config` entry", raised by prepare,
+    that is after the zero-shot row and the first selection)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}
+    config = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
+    hidden = config.hidden_size
+    for key, value in (("reduce_bucket_size", hidden * hidden),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
 def prepare_for_training(accelerator, training_module, optimizer, net):
     """accelerator.prepare(training_module, optimizer), with ZeRO-3's inference engine taken off `net` first (else
     both engines would gather and free the same parameters), and the LM head registered as an external parameter of
@@ -170,6 +189,7 @@ def prepare_for_training(accelerator, training_module, optimizer, net):
     previous = _live_engines.pop(id(net), None)
     if previous is not None:
         previous.destroy()  # removes its module hooks; the parameters stay partitioned
+    fill_hidden_size_autos(accelerator, net)
     if launch_engine(accelerator) == ZERO3:
         import deepspeed
 
