@@ -121,3 +121,75 @@ def test_inference_config_keeps_zero_and_precision_and_drops_auto():
     assert sharding.inference_config(launch_config) == {
         "bf16": {}, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train_sapo.py under `accelerate launch --use_deepspeed` ZeRO-3, killed after a checkpoint and resumed
+
+ROOT = Path(__file__).resolve().parent.parent
+# A ZeRO-3 config as users write them (the sizes left auto; tasks.sharding fills them from the model).
+USER_ZERO3_JSON = {"bf16": {"enabled": "auto"}, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                   "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",
+                                         "stage3_prefetch_bucket_size": "auto",
+                                         "stage3_param_persistence_threshold": "auto"}}
+STOP_AFTER_CHECKPOINT = f'''import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train_sapo
+save = train_sapo.save_checkpoint
+def save_then_stop(accelerator, checkpoint, step, extra=None):  # a kill right after task 2's first checkpoint
+    save(accelerator, checkpoint, step, extra)
+    if checkpoint.parent.name.startswith("2-"):
+        accelerator.wait_for_everyone()
+        os._exit(3)
+train_sapo.save_checkpoint = save_then_stop
+train_sapo.main(sys.argv[1:])
+'''
+
+
+def test_train_sapo_under_zero3_resumes_and_matches_one_process(model_dir, tmp_path):
+    """Two tasks (selection, training, evaluation rows) on 2 processes under ZeRO-3, interrupted after task 2's
+    first checkpoint and rerun: the same picks, scores, losses, adapters and greedy predictions as one process."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    import json
+
+    import train_sapo
+    from safetensors.torch import load_file
+    from test_train_sapo import SMALL
+
+    train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "one"), *SMALL])
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(USER_ZERO3_JSON))
+    (tmp_path / "stop.py").write_text(STOP_AFTER_CHECKPOINT)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would quietly build DDP
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = tmp_path / "zero3"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed",
+               "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port", str(free_port())]
+    args = ["--model", model_dir, "--output-dir", str(out), *SMALL]
+    killed = subprocess.run([*command, str(tmp_path / "stop.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert killed.returncode != 0 and (out / "2-count_words" / "checkpoint" / "sapo_step.json").exists(), \
+        killed.stderr[-3000:]
+    resumed = subprocess.run([*command, "train_sapo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "sharded launch: zero3" in resumed.stdout and "resuming training of 2-count_words" in resumed.stdout
+    one = tmp_path / "one"
+    for k, name in enumerate(["sentiment", "count_words"], start=1):
+        task_dir = f"{k}-{name}"
+        s1, s2 = [json.loads((d / task_dir / "selection.json").read_text()) for d in (one, out)]
+        assert s1["selected"] == s2["selected"]
+        assert [c["score"] for c in s2["candidates"]] == pytest.approx([c["score"] for c in s1["candidates"]],
+                                                                       rel=1e-5)
+        l1, l2 = [[json.loads(x)["loss"] for x in (d / task_dir / "train_log.jsonl").read_text().splitlines()]
+                  for d in (one, out)]
+        assert len(l2) == len(l1) and l2 == pytest.approx(l1, rel=1e-4)
+        w1, w2 = [load_file(str(d / task_dir / "adapter" / "adapter_model.safetensors")) for d in (one, out)]
+        assert set(w1) == set(w2)
+        for n in w1:
+            assert (w2[n] - w1[n]).abs().max() <= 1e-4 * w1[n].abs().max()
+        for task in ("sentiment", "count_words"):
+            p1, p2 = [[json.loads(x)["prediction"] for x in (d / task_dir / "predictions" / f"{task}.jsonl")
+                       .read_text().splitlines()] for d in (one, out)]
+            assert p1 == p2
