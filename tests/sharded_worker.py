@@ -138,7 +138,9 @@ def run_fsdp2(model_dir: str, out_dir: Path):
     import score_prompts
     import train_sapo
     from accelerate import Accelerator
+    from tasks.errors import SapoError
     from tasks.models import activate_adapters, load_model, load_tokenizer
+    from tasks.pools import PoolSource
     from tasks.sharding import engine_of
     from tasks.train_batches import build_batch
     from tasks.train_step import SupervisedNLL, training_layout
@@ -160,6 +162,11 @@ def run_fsdp2(model_dir: str, out_dir: Path):
     weights = out["t0"]
     if rank == 0:
         train_sapo.save_adapter(peft_model, "t0", out_dir / "adapter-t0", state_dict=weights)
+    try:  # paraphrases sampled by the main process alone from sharded weights: refused on every process
+        PoolSource(generate=2).build(task, accelerator=accelerator, model=net, tokenizer=tok, state_id="sharded")
+        out["generate_refused"] = ""
+    except SapoError as e:
+        out["generate_refused"] = str(e)
     # Training: the training module is the root (accelerate's FSDP2 layout for train_sapo's SupervisedNLL). torch's
     # fully_shard applies once per module, so each task's adapter needs a model of its own here: both adapters
     # exist before sharding (t2 inactive and zero-weighted in the first step).
