@@ -502,14 +502,15 @@ def read_instructions(path) -> dict:
 def run_main(args):
     from accelerate import Accelerator
 
-    from tasks.launch import check_launch
+    from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
 
-    check_launch("evaluate.py")
+    launch = check_launch("evaluate.py")
 
     from tasks.loaders import load_task
     from tasks.models import STACK_FILE, load_model, load_tokenizer, read_stack, resolve_dtype
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(**accelerator_kwargs(launch))
+    check_accelerator(accelerator, "evaluate.py")
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise SapoError("--tasks names no task")

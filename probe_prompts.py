@@ -47,7 +47,7 @@ import train_sapo
 from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, pad_batch, render_prompt
 from tasks.errors import exit_after_main
 from tasks.flags import OneLineParser, Range, check_choices, check_ranges
-from tasks.launch import check_launch
+from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import read_json, write_json, write_text_atomic
 from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve, resolve_dtype
 from tasks.prompts import encode_task_example
@@ -819,11 +819,13 @@ def print_summary(run_dir: Path, pairs, correlations, indicators: dict[str, Indi
 @cli_main
 def main(argv=None):
     config, overwrite = parse_config(argv)
-    check_launch("probe_prompts.py")
+    launch = check_launch("probe_prompts.py", training=train_sapo.training_recipe(config))
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(**accelerator_kwargs(launch))
+    check_accelerator(accelerator, "probe_prompts.py", train_sapo.training_recipe(config),
+                      resolve_dtype(config.dtype, accelerator.device))  # the launch as built, before any model loads
     accelerator.print(train_sapo.describe_preset(config))
     train_sapo.check_batch_split(config, accelerator.num_processes)
     set_seed(config.seed)

@@ -44,7 +44,7 @@ from tasks import packing
 from tasks.candidates import select_index
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
-from tasks.launch import check_launch
+from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import read_json, write_json
 from tasks.pools import PoolSource
 from tasks.prompts import encode_task_example
@@ -437,7 +437,7 @@ def print_rounds(result: Selection, out=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    check_launch("score_prompts.py")
+    launch = check_launch("score_prompts.py")
     source = PoolSource(candidates_file=args.candidates, max_candidates=args.max_candidates, generate=args.generate,
                         paraphraser=args.paraphraser, paraphrase_api=args.paraphrase_api,
                         temperature=args.temperature, seed=args.seed)
@@ -464,7 +464,8 @@ def main(argv=None):
         if path:
             check_writable_file(path, flag)
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(**accelerator_kwargs(launch))
+    check_accelerator(accelerator, "score_prompts.py")
     base, adapters = resolve(args.model)
     dtype = resolve_dtype(args.dtype, accelerator.device)
     # Scores in another dtype are other numbers: the cache key carries it (fp32 keys stay as they were).

@@ -36,7 +36,7 @@ from tasks.prompts import encode_task_example
 from tasks.core import Task
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
-from tasks.launch import check_launch
+from tasks.launch import TrainingRecipe, accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import load_sequence, load_task, read_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, load_model, load_tokenizer, \
     resolve, resolve_dtype, stack_adapters
@@ -73,7 +73,7 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup) | warmup-log (DeepSpeed WarmupLR)
     global_batch_size: int = 64  # sequences per optimizer step, whatever the number of processes
     micro_batch_size: int = 8  # sequences per forward without --micro-batch-tokens; accumulation fills the rest
     max_grad_norm: float = 1.0
@@ -120,8 +120,10 @@ PRESETS = {
     # that take loss kwargs, as Qwen3 does, and tells DeepSpeed scale_wrt_gas=False), while the cross-entropy is a
     # token mean over the whole step (num_items_in_batch). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
     # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
+    # The authors' schedule as it ran: their scripts ask for cosine, but their DeepSpeed config's WarmupLR replaces it
+    # (a log-shaped warmup, then constant; lr_factor). `--schedule cosine` is the one the scripts asked for.
     "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
-                  olora_lambda1=4.0, gradient_checkpointing=True, micro_batch_tokens=16384),
+                  olora_lambda1=4.0, gradient_checkpointing=True, micro_batch_tokens=16384, schedule="warmup-log"),
     # Small enough to finish in minutes on a 2-core CPU with SmolLM2-135M; still the whole algorithm. Its sequence
     # (tasks/builtin.py) has tasks SmolLM2-135M learns in 12 steps: `animal` was dropped, as it ended every
     # prediction "yes" (below its zero-shot score).
@@ -149,7 +151,7 @@ FLAG_RANGES = {
     "score_token_budget": Range(1), "reselect_every": Range(0), "reselect_top": Range(1), "checkpoint_every": Range(0),
 }
 CHOICES = {"method": ("lora-inc", "o-lora", "seq-lora"), "eval_prompt": ("selected", "original"),
-           "schedule": ("cosine", "linear", "constant"), "eval_split": ("train", "dev", "test"),
+           "schedule": ("cosine", "linear", "constant", "warmup-log"), "eval_split": ("train", "dev", "test"),
            "dtype": ("auto", "bf16", "fp16", "fp32")}
 
 
@@ -182,6 +184,12 @@ def check_lora_targets(model, lora_targets: str):
                            if isinstance(m, torch.nn.Linear) and "." in n})
         raise SapoError(f"--lora-targets: the model has no module named {', '.join(missing)} (its linear layers: "
                         f"{', '.join(suffixes)})")
+
+
+def training_recipe(config: Config) -> TrainingRecipe:
+    """What a DeepSpeed launch must agree with (tasks.launch)."""
+    return TrainingRecipe(max_grad_norm=config.max_grad_norm, schedule=config.schedule,
+                          micro_batch_size=config.micro_batch_size, dtype=config.dtype)
 
 
 def check_batch_split(config: Config, world: int):
@@ -239,8 +247,30 @@ def parse_config(argv=None) -> tuple[Config, bool]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers: the learning-rate schedule, batches that do not depend on the process count.
 
+def warmup_steps_of(config, total_steps: int) -> int:
+    """Warmup steps of a task: round(ratio x steps); warmup-log takes the authors' rule, ceil(ratio x steps)
+    (transformers' TrainingArguments.get_warmup_steps, which filled their WarmupLR's warmup_num_steps), at least 1."""
+    if config.schedule == "warmup-log":
+        return max(1, math.ceil(config.warmup_ratio * total_steps))
+    return max(1, round(config.warmup_ratio * total_steps))
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Linear warmup from 0 to the peak over warmup_steps, then cosine (or linear) decay to 0 at total_steps."""
+    """The learning rate of 0-based optimizer step `step`, as a fraction of --lr.
+
+    cosine / linear / constant: linear warmup from 1/warmup_steps to the peak over warmup_steps, then cosine (or
+    linear) decay to 0 at total_steps, or the peak.
+    warmup-log: DeepSpeed's WarmupLR (deepspeed/runtime/lr_schedules.py, warmup_type "log", its default) with
+    warmup_min_lr 0, warmup_max_lr = --lr and warmup_num_steps = warmup_steps, as the authors' DeepSpeed config
+    ("auto" values, filled by transformers' Trainer) ran it. WarmupLR sets warmup_min_lr when it is built and the
+    engine steps it after every optimizer step, so optimizer step s uses its value at iteration s - 1:
+    0 for s = 0, then log(s) / log(W) for s <= W (W = max(2, warmup_steps), DeepSpeed's floor), then 1, constant:
+    the first two steps run at 0 (AdamW's moments still advance)."""
+    if schedule == "warmup-log":
+        iteration, w = step - 1, max(2, warmup_steps)
+        if iteration < 0:
+            return 0.0
+        return math.log(iteration + 1) / math.log(w) if iteration < w else 1.0
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -427,9 +457,14 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     summed response-token NLL comes from tasks.train_step.SupervisedNLL (the LM head on supervised rows only)."""
     from contextlib import nullcontext
 
+    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     segment_start = time.perf_counter()
+    # Under DeepSpeed (ZeRO 0-2; tasks.launch) the engine reduces, clips (its gradient_clipping = --max-grad-norm) and
+    # steps inside accelerator.backward whenever accelerator.sync_gradients is True: it is set True on a step's last
+    # micro-batch only, and the wrapped optimizer's step / zero_grad and clip_grad_norm_ do nothing.
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     world, rank = accelerator.num_processes, accelerator.process_index
     net = peft_model.get_base_model()  # the transformers model, LoRA layers inside
@@ -441,7 +476,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     # The record: the most micro-batches a process runs in one step.
     accumulation = max(len(micro_batches(encoded, b, config, layout, rank, world)) for b in steps)
     total_steps = len(steps)
-    warmup_steps = max(1, round(config.warmup_ratio * total_steps))
+    warmup_steps = warmup_steps_of(config, total_steps)
     steps_per_epoch = math.ceil(len(encoded) / config.global_batch_size)
     checkpoint_every = config.checkpoint_every or steps_per_epoch
 
@@ -463,7 +498,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
         check_checkpoint_keys(model, checkpoint)
-        accelerator.load_state(str(checkpoint), strict=False)
+        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
         saved = read_json(checkpoint / "sapo_step.json")
         start_step, earlier_seconds = saved["step"], saved.get("seconds", 0.0)
         if reselect is not None:
@@ -498,7 +533,10 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
             # Dropout masks seeded by (seed, step, micro-batch): the same masks on any number of processes, and
             # after a resume.
             torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + index)
-            with nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model):
+            last = j == len(mine) - 1
+            if deepspeed:
+                accelerator.sync_gradients = last  # the engine steps after this backward only when True
+            with nullcontext() if last or deepspeed else accelerator.no_sync(model):
                 nll_sum = model(build_batch(encoded, rows, pad_id).to(accelerator.device)) * weight
                 # DDP averages over processes: undo it so the gradient is exactly that of sum(NLL) / total_tokens.
                 loss = nll_sum / total_tokens * world
@@ -507,7 +545,8 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
                     penalty_value, step_penalty = step_penalty[1].detach(), None
                 accelerator.backward(loss)
             step_nll += nll_sum.detach()
-        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if not deepspeed:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -573,20 +612,25 @@ def save_adapter(peft_model, name: str, adapter_dir: Path, state_dict=None):
 
 def keep_trainable_weights(models, weights, output_dir):
     """save_state hook: checkpoint only the parameters being trained (the new adapter), not the frozen base model;
-    load_state(strict=False) puts them back. A checkpoint of an 8B model is then megabytes, not 16 GB."""
-    for i, model in enumerate(models):
+    load_state(strict=False) puts them back. A checkpoint of an 8B model is then megabytes, not 16 GB. (DeepSpeed saves
+    its engines itself and passes no weights: save_checkpoint asks it to leave out the frozen ones.)"""
+    for i, model in enumerate(models[:len(weights)]):
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
 
 
 def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
-    """save_state into a fresh folder, then swap it in: a crash mid-save keeps the previous checkpoint."""
+    """save_state into a fresh folder, then swap it in: a crash mid-save keeps the previous checkpoint. Under
+    DeepSpeed every process writes its own partition, the frozen base left out."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     tmp = checkpoint.with_name(checkpoint.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     with writing(tmp):  # a full disk: one line naming the folder (torch's own message names neither)
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "sapo_step.json").write_text(json.dumps({"step": step, **(extra or {})}))  # last: tmp is complete
@@ -954,13 +998,17 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
 @cli_main
 def main(argv=None):
     config, overwrite = parse_config(argv)
-    check_launch("train_sapo.py")
+    launch = check_launch("train_sapo.py", training=training_recipe(config))  # before the Accelerator is built
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir)
+    accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir, **accelerator_kwargs(launch))
+    launch = check_accelerator(accelerator, "train_sapo.py", training_recipe(config),
+                               resolve_dtype(config.dtype, accelerator.device))  # as built, before any model loads
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
     accelerator.print(describe_preset(config))
+    if launch.engine == "deepspeed":
+        accelerator.print(f"launch: {launch.describe()}")
     check_batch_split(config, accelerator.num_processes)
     set_seed(config.seed)
     tasks = load_tasks(config, accelerator)  # data first: a bad task name or pool fails before any model loads

@@ -1,14 +1,44 @@
-"""Sharded launches (FSDP, DeepSpeed ZeRO-3) are refused in one line before anything loads: selection scoring and
-generation need the full weights on every process. accelerate 1.15 cannot build an FSDP Accelerator on CPU ("There
-are currently no available devices found"; with ACCELERATE_USE_CPU=1 it builds a DDP one instead), so the refusal is
-what can be tested here: in-process for every script, and through a real 2-process `accelerate launch --use_fsdp`."""
+"""The launch check (tasks/launch.py): the topology derived from what accelerate hands the process (its
+environment, the DeepSpeed JSON that environment names, the built Accelerator), and every launch the scripts cannot
+honour refused in one line before anything loads. Sharded launches (FSDP, DeepSpeed ZeRO-3) are refused: selection
+scoring and generation need the full weights on every process. accelerate 1.15 cannot build an FSDP Accelerator on
+CPU ("There are currently no available devices found"; with ACCELERATE_USE_CPU=1 it builds a DDP one instead), so
+the refusal is what can be tested here: in-process for every script, and through real 2-process launches."""
+import json
+
 import pytest
 
 import evaluate
 import score_prompts
 import train_sapo
 from tasks import SapoError
-from tasks.launch import check_launch
+from tasks.launch import TrainingRecipe, check_launch, read_launch
+
+RECIPE = TrainingRecipe(max_grad_norm=1.0, schedule="warmup-log", micro_batch_size=8)
+# The authors' configs/ds_configs/stage2_llama.config (github.com/Eric8932/SAPO), as they wrote it.
+AUTHORS_STAGE2 = {
+    "bfloat16": {"enabled": "true"},
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR",
+                  "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                          "allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": False,
+                          "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto", "steps_per_print": 1e5,
+}
+
+
+def deepspeed_env(tmp_path, config: dict | None, **extra) -> dict:
+    """The environment `accelerate launch --use_deepspeed [--deepspeed_config_file F]` gives its processes."""
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no", **extra}
+    if config is not None:
+        path = tmp_path / "ds_config.json"
+        path.write_text(json.dumps(config))
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(path)
+    return env
 
 
 def test_check_launch_reads_accelerates_environment():
@@ -18,6 +48,73 @@ def test_check_launch_reads_accelerates_environment():
         check_launch("x.py", {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(SapoError, match="does not support DeepSpeed ZeRO-3"):
         check_launch("x.py", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+
+
+def test_topology_is_read_from_the_deepspeed_json_the_environment_names(tmp_path):
+    stage3 = {**AUTHORS_STAGE2, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    # ZeRO-3 given only in the JSON (no ACCELERATE_DEEPSPEED_ZERO_STAGE): seen, refused in one line naming the file.
+    with pytest.raises(SapoError, match=r"does not support DeepSpeed ZeRO-3 \(zero_optimization.stage 3 in .*ds_con"):
+        check_launch("x.py", deepspeed_env(tmp_path, stage3))
+    # A JSON "auto" stage takes the launcher's --zero_stage; a JSON number wins over it (accelerate's precedence).
+    auto_stage = {"zero_optimization": {"stage": "auto"}}
+    assert read_launch(deepspeed_env(tmp_path, auto_stage, ACCELERATE_DEEPSPEED_ZERO_STAGE="3")).zero_stage == 3
+    assert read_launch(deepspeed_env(tmp_path, {"zero_optimization": {"stage": 1}},
+                                     ACCELERATE_DEEPSPEED_ZERO_STAGE="3")).zero_stage == 1
+    # The authors' ZeRO-2 config with offload, launched with --mixed_precision bf16: accepted, every field typed.
+    launch = check_launch("x.py", deepspeed_env(tmp_path, AUTHORS_STAGE2, ACCELERATE_MIXED_PRECISION="bf16"), RECIPE)
+    assert (launch.engine, launch.zero_stage, launch.offload_optimizer, launch.offload_param) == \
+        ("deepspeed", 2, "cpu", "none")
+    assert (launch.mixed_precision, launch.micro_batch_size, launch.gradient_clipping,
+            launch.gradient_accumulation_steps) == ("bf16", "auto", "auto", "auto")
+    assert launch.optimizer["type"] == "AdamW" and launch.scheduler["type"] == "WarmupLR"
+    # Flags only (--use_deepspeed --zero_stage 1 --gradient_clipping 0.5 --offload_optimizer_device cpu).
+    flags = read_launch({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1",
+                         "ACCELERATE_GRADIENT_CLIPPING": "0.5", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+                         "ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert (flags.zero_stage, flags.gradient_clipping, flags.offload_optimizer, flags.mixed_precision, flags.source) \
+        == (1, 0.5, "cpu", "bf16", "environment")
+    assert read_launch({}).engine == "ddp"
+    assert read_launch({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}).fsdp_version == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(gradient_accumulation_steps=8), "gradient_accumulation_steps 8 in .* must be 1 or auto"),
+    (lambda c: c.update(gradient_clipping=0.3), "gradient_clipping 0.3 in .* differs from --max-grad-norm 1.0"),
+    (lambda c: c.update(train_micro_batch_size_per_gpu="four"), "train_micro_batch_size_per_gpu 'four'"),
+    (lambda c: c["optimizer"].update(type="Lamb"), "optimizer section in .* must be AdamW with every parameter auto"),
+    (lambda c: c["optimizer"]["params"].update(lr=3e-4), "must be AdamW with every parameter auto"),
+    (lambda c: c["scheduler"].update(type="WarmupDecayLR"), "must be WarmupLR with auto parameters"),
+    (lambda c: c["scheduler"]["params"].update(warmup_type="linear"), "must be WarmupLR with auto parameters"),
+    (lambda c: c.update(fp16={"enabled": True}), "fp16 in .* skips optimizer steps"),
+    (lambda c: c["zero_optimization"].update(offload_param={"device": "cpu"}), "offload_param \\(cpu\\) in"),
+    (lambda c: c["zero_optimization"].update(stage=5), "zero_optimization.stage 5 in .* is not a ZeRO stage"),
+    (lambda c: c.update(bfloat16={"enabled": "true"}), '"bfloat16" section in .* is ignored under accelerate'),
+])
+def test_every_deepspeed_setting_the_script_cannot_honour_is_refused_in_one_line(tmp_path, change, message):
+    config = json.loads(json.dumps(AUTHORS_STAGE2))
+    del config["bfloat16"]  # accepted as is with --mixed_precision bf16 (below); the cases change one thing
+    change(config)
+    with pytest.raises(SapoError, match=message) as e:
+        check_launch("x.py", deepspeed_env(tmp_path, config), RECIPE)
+    assert "\n" not in str(e.value)
+
+
+def test_schedule_and_accumulation_must_agree_with_the_launch(tmp_path):
+    env = deepspeed_env(tmp_path, AUTHORS_STAGE2, ACCELERATE_MIXED_PRECISION="bf16")
+    cosine = TrainingRecipe(max_grad_norm=1.0, schedule="cosine", micro_batch_size=8)
+    with pytest.raises(SapoError, match="asks for WarmupLR but --schedule is cosine"):
+        check_launch("x.py", env, cosine)
+    check_launch("score_prompts.py", env)  # a script that does not train needs only the full weights
+    with pytest.raises(SapoError, match="launch without --gradient_accumulation_steps \\(4 given\\)"):
+        check_launch("x.py", {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, RECIPE)  # DDP ignores it silently
+    for bad, says in (("{not json", "cannot be read as JSON"), (None, "does not exist")):
+        path = tmp_path / "bad.json"
+        if bad is None:
+            path.unlink()
+        else:
+            path.write_text(bad)
+        with pytest.raises(SapoError, match=f"DeepSpeed config {path} {says}"):
+            read_launch({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
 
 
 @pytest.mark.parametrize("script,argv", [
@@ -32,6 +129,46 @@ def test_every_script_refuses_fsdp_in_one_line_before_loading(script, argv, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "does not support FSDP" in err[0]
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+@pytest.mark.parametrize("script,argv", [
+    (train_sapo, ["--model", "/nonexistent/model", "--output-dir", "{tmp}/run"]),
+    (score_prompts, ["--model", "/nonexistent/model", "--task", "sentiment"]),
+])
+def test_every_script_refuses_a_zero3_json_in_one_line_before_loading(script, argv, tmp_path, monkeypatch, capsys):
+    for key, value in deepspeed_env(tmp_path, {"zero_optimization": {"stage": 3}}).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as e:
+        script.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "does not support DeepSpeed ZeRO-3" in err[0]
+    assert str(tmp_path / "ds_config.json") in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_two_process_zero3_json_launch_is_refused(tmp_path):
+    # The launcher turns --deepspeed_config_file into the environment; the stage is only in the file.
+    import os
+    import subprocess
+    import sys
+
+    from test_evaluate import free_port
+
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    config = tmp_path / "stage3.json"
+    config.write_text(json.dumps({**AUTHORS_STAGE2, "zero_optimization": {"stage": 3}}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--use_deepspeed",
+                           "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port",
+                           str(free_port()), "train_sapo.py", "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0
+    assert ours and all(f"train_sapo.py does not support DeepSpeed ZeRO-3 (zero_optimization.stage 3 in "
+                        f"{config})" in line for line in ours), proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_real_two_process_fsdp_launch_is_refused(tmp_path):

@@ -196,6 +196,34 @@ def test_learning_rate_schedule_follows_the_formula(model_dir, tmp_path):
         assert record["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
+# DeepSpeed's WarmupLR, warmup_type "log", warmup_num_steps W = 5, as the authors' runs used it (factor of --lr at
+# each 0-based optimizer step), computed by hand: step 0 runs at warmup_min_lr = 0 (set when WarmupLR is built), then
+# step s at ln(s) / ln(5) up to s = 5, then constant 1.
+# ln 2 / ln 5 = 0.693147 / 1.609438, ln 3 / ln 5 = 1.098612 / 1.609438, ln 4 / ln 5 = 1.386294 / 1.609438.
+WARMUP_LOG_W5 = [0.0, 0.0, 0.430677, 0.682606, 0.861353, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_warmup_log_schedule_matches_the_hand_table(model_dir, tmp_path):
+    assert [train_sapo.lr_factor(s, 15, 5, "warmup-log") for s in range(15)] == pytest.approx(WARMUP_LOG_W5, abs=1e-6)
+    # DeepSpeed floors warmup_num_steps at 2: W = 1 behaves as W = 2.
+    assert [train_sapo.lr_factor(s, 4, 1, "warmup-log") for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    # Warmup steps: the authors' rule (transformers' get_warmup_steps, ceil) for warmup-log; round for the others.
+    ratio = train_sapo.Config(warmup_ratio=0.05, schedule="warmup-log")
+    assert train_sapo.warmup_steps_of(ratio, 130) == 7 and train_sapo.warmup_steps_of(ratio, 160) == 8
+    assert train_sapo.warmup_steps_of(train_sapo.Config(warmup_ratio=0.05), 130) == 6
+    # The paper preset runs it; the schedule the scripts asked for is one flag away.
+    assert train_sapo.parse_config(["--preset", "paper"])[0].schedule == "warmup-log"
+    assert train_sapo.parse_config(["--preset", "paper", "--schedule", "cosine"])[0].schedule == "cosine"
+    # A run: 40 instances x 3 epochs / 8 = 15 steps, warmup ceil(0.3 x 15) = 5; every step's logged rate is the table's.
+    out = tmp_path / "run"
+    run(model_dir, out, "--select", "original", "--sequence", "sentiment", "--train-instances", "40",
+        "--epochs", "3", "--warmup-ratio", "0.3", "--lr", "1e-3", "--schedule", "warmup-log")
+    log = [json.loads(line) for line in (out / "1-sentiment" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in WARMUP_LOG_W5], abs=1e-9)
+    assert json.loads((out / "config.json").read_text())["schedule"] == "warmup-log"
+    assert json.loads((out / "1-sentiment" / "training.json").read_text())["warmup_steps"] == 5
+
+
 def test_one_and_two_processes_agree(model_dir, tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
