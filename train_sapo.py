@@ -189,7 +189,7 @@ def check_lora_targets(model, lora_targets: str):
 def training_recipe(config: Config) -> TrainingRecipe:
     """What a DeepSpeed launch must agree with (tasks.launch)."""
     return TrainingRecipe(max_grad_norm=config.max_grad_norm, schedule=config.schedule,
-                          micro_batch_size=config.micro_batch_size, dtype=config.dtype)
+                          micro_batch_size=config.micro_batch_size, dtype=config.dtype, method=config.method)
 
 
 def check_batch_split(config: Config, world: int):
