@@ -154,6 +154,7 @@ def shard_for_inference(accelerator, model, announce: bool = True):
     if engine == ZERO3:
         import deepspeed
 
+        fill_hidden_size_autos(accelerator, model)  # the same persistence threshold as the training engines'
         ds_engine, *_ = deepspeed.initialize(model=model, config=inference_config(
             accelerator.state.deepspeed_plugin.deepspeed_config))
         _live_engines[id(model)] = ds_engine
