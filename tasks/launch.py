@@ -347,10 +347,13 @@ def check_accelerator(accelerator, script: str, training: TrainingRecipe | None 
     """The Accelerator's own view of the launch, refused like the environment's (the JSON has been merged with the
     launcher's flags and --mixed_precision by now); then, for training, DeepSpeed's fixed values written in."""
     launch = launch_of(accelerator)
-    if read_launch().engine == "fsdp" and launch.engine != "fsdp":
+    asked = read_launch().engine
+    if asked != "ddp" and launch.engine != asked:  # seen here: it would run unsharded DDP without a word
         built = accelerator.distributed_type.value
-        raise SapoError(f"{script}: FSDP was asked for, but accelerate built a {built} launch (accelerate 1.15 "
-                        "builds FSDP only with a GPU; ACCELERATE_USE_CPU=1 turns it into DDP): launch FSDP on GPUs")
+        why = ("accelerate 1.15 builds FSDP only with a GPU; ACCELERATE_USE_CPU=1 turns it into DDP" if asked == "fsdp"
+               else "ACCELERATE_USE_CPU=1 turns it into DDP; without a GPU leave it unset")
+        raise SapoError(f"{script}: {'FSDP' if asked == 'fsdp' else 'DeepSpeed'} was asked for, but accelerate built "
+                        f"a {built} launch ({why})")
     refuse_unsupported(launch, script, training)
     if launch.engine != "deepspeed" or training is None:
         return launch

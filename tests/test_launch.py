@@ -208,9 +208,13 @@ def test_real_two_process_fsdp_launch_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_real_two_process_fsdp2_launch_on_cpu_is_refused_once_built(tmp_path):
-    # evaluate.py accepts FSDP2 from the environment; on CPU accelerate then builds a DDP Accelerator instead (seen:
-    # MULTI_CPU with ACCELERATE_USE_CPU=1), which would run unsharded: refused once built, before any model loads.
+@pytest.mark.parametrize("engine,says", [(["--use_fsdp", "--fsdp_version", "2"], "FSDP"),
+                                         (["--use_deepspeed", "--zero_stage", "3"], "DeepSpeed")])
+def test_real_two_process_sharded_launch_built_as_ddp_on_cpu_is_refused(engine, says, tmp_path):
+    if says == "DeepSpeed":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    # evaluate.py accepts FSDP2 and ZeRO-3 from the environment; with ACCELERATE_USE_CPU=1 accelerate then builds a
+    # DDP Accelerator (seen: MULTI_CPU), which would run unsharded: refused once built, before any model loads.
     import os
     import subprocess
     import sys
@@ -219,11 +223,11 @@ def test_real_two_process_fsdp2_launch_on_cpu_is_refused_once_built(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--use_fsdp", "--fsdp_version",
-                           "2", "--num_processes", "2", "--main_process_port", str(free_port()), "evaluate.py",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", *engine,
+                           "--num_processes", "2", "--main_process_port", str(free_port()), "evaluate.py",
                            "--model", "/nonexistent/model", "--tasks", "sentiment"],
                           capture_output=True, text=True, cwd=root, env=env, timeout=300)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0
-    assert ours and all("evaluate.py: FSDP was asked for, but accelerate built a MULTI_CPU launch" in line
+    assert ours and all(f"evaluate.py: {says} was asked for, but accelerate built a MULTI_CPU launch" in line
                         for line in ours), proc.stderr[-2000:]
