@@ -16,6 +16,11 @@ Two ways to run it:
     python evaluate.py --model runs/my_run/2-task1310 --tasks task195,task1310 --data-dir ...   # reproduces row 2 of R
     accelerate launch --num_processes 8 evaluate.py --model runs/my_run/5-task224 --tasks ... --output-dir out/
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 evaluate.py --model DIR --tasks ...
+    python evaluate.py --model runs/my_run/5-task224 --tasks ... --engine openai --api-base http://127.0.0.1:8000/v1 \
+        --served-model NAME                      # a served model (vLLM, SGLang) answers: tasks/served.py
+
+    # export: the adapter stack of a task folder folded into one stock peft LoRA (rank = sum of ranks), for vLLM
+    python evaluate.py --export-adapter runs/my_run/3-task273 out/fold3
 
     Instructions: a run's task folder (an adapter stack) stores the instruction each of its tasks was trained with;
     those are used for the tasks it names (--original-instructions: the originals for all). --instructions FILE
@@ -28,6 +33,10 @@ Scores (x100, averaged over instances):
   tokenizer keeps only [a-z0-9], so Chinese would score 0: for lang != "en" every CJK character is one token and other
   words are runs of letters/digits (lang="auto" picks "zh" when the references hold CJK characters).
 - Exact match: lower-cased, punctuation removed, whitespace collapsed, then equal to any reference.
+- trace: TRACE's own score of a TRACE task (tasks/trace_metrics.py): accuracy for C-STANCE, FOMC, ScienceQA (its
+  answer letter) and NumGLUE, Py150's edit similarity (fuzzywuzzy's ratio after TRACE's post-processing), MeetingBank's
+  ROUGE-L (the `rouge` package, as TRACE calls it). A task without a TRACE definition has none; R.json holds a
+  "trace" matrix when every task of the run has one, and the reports then use it by default (--metric picks another).
 
 The score matrix R has N+1 rows and N columns: row 0 = zero-shot, row i = scores on every task after training task i
 (1-based task numbers below; R[i][j] is row i, task j). n = the last row given (a partial run has fewer rows):
@@ -42,18 +51,23 @@ is shortened when too long, and a note says for how many inputs of a task), batc
 with left padding, greedy, stopped at EOS or the chat template's end-of-turn token; the answer is the decoded generated
 tokens only. Batches are formed from the globally length-sorted prompts and dealt round-robin to the processes, so every
 batch (and its padding) is the same whatever the number of processes: 1 and 8 processes give the same answers.
+Ours: batches hold up to --eval-token-budget tokens of prompt + answer, finished sequences leave the batch at once,
+and an adapter stack runs as one folded adapter (tasks/generation.py, tasks/fold.py).
 With ZeRO-3/FSDP sharded weights every process would have to join every forward; load full weights per process here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import io
 import json
 import math
 import re
+import shutil
 import string
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -61,11 +75,13 @@ import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import write_text_atomic
-from tasks.prompts import HAN_CHARACTERS, encode_generation_prompt, pad_batch, render_prompt, render_response
+from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
+    render_response
 from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
+from tasks.trace_metrics import trace_metric, trace_score
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
-SCORES = ("rougeL", "exact_match")
+SCORES = ("rougeL", "exact_match", "trace")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,20 +109,26 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 
 @torch.no_grad()  # not inference_mode: buffers a module creates lazily here must stay usable when training resumes
-def generate_answers(model, tokenizer, task, instruction, instances, accelerator, *, batch_size=16,
-                     max_new_tokens=128, max_prompt_tokens=1536, progress=True) -> list[str]:
-    """Greedy answers to `instances` (same order), prompted with `instruction` and the task's suffix."""
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+def generate_answers(model, tokenizer, task, instruction, instances, accelerator, *, batch_size=None,
+                     max_new_tokens=128, max_prompt_tokens=MAX_SOURCE_LENGTH, progress=True, token_budget="auto",
+                     compile=False, engine=None, fold=True) -> list[str]:
+    """Greedy answers to `instances` (same order), prompted with `instruction` and the task's suffix.
 
-    net = accelerator.unwrap_model(model)
-    device = next(net.parameters()).device
-    stops = stop_token_ids(tokenizer, net)
+    Batches hold up to `token_budget` tokens of prompt + answer ("auto": per device, tasks.generation; None: fixed
+    batches of `batch_size`), at most `batch_size` sequences (None: up to 256). The active adapters are folded into
+    one (tasks.fold; `fold=False`: run them unmerged, as before). compile: HF's static cache and torch.compile of the
+    decode step (CUDA only; elsewhere a note and the plain path). engine: a tasks.served.ServedEngine that answers
+    instead of the model (the same prompts, token for token)."""
+    from tqdm.auto import tqdm
+
+    from tasks.fold import folded_adapter
+    from tasks.generation import cut_at_stop, default_token_budget, greedy_decode, hf_generate, plan_batches
+
+    net = accelerator.unwrap_model(model) if model is not None else None
+    stops = list(engine.stop_ids) if engine is not None and engine.stop_ids else stop_token_ids(tokenizer, net)
     if not stops:
         raise SapoError("the tokenizer has no EOS token and its chat template no end-of-turn token: cannot stop")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                              pad_token_id=pad_id, use_cache=True)
 
     encoded = [encode_generation_prompt(tokenizer, instruction, inst.input, task.suffix, max_prompt_tokens,
                                         input_label=task.input_label) for inst in instances]
@@ -115,31 +137,47 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
     if shortened:
         accelerator.print(f"note: {shortened} of {len(instances)} inputs of task {task.name} were shortened to fit "
                           f"the prompt limit of {max_prompt_tokens} tokens")
-    # Longest first (an out-of-memory shows at once); batches are cut from the GLOBAL order and dealt round-robin, so
-    # their composition, hence padding and numerics, does not depend on the number of processes.
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    my_batches = batches[accelerator.process_index::accelerator.num_processes]
-    sharded = lockstep(net)  # FSDP2 / ZeRO-3 (tasks/sharding.py): every process runs as many generate calls
-    rounds = math.ceil(len(batches) / accelerator.num_processes) if sharded else len(my_batches)
+    if engine is not None:  # the server batches; every prompt goes as its token ids
+        return engine.generate(prompts, stops, max_new_tokens, what=f"task {task.name}")
+
+    device = next(net.parameters()).device
+    if token_budget == "auto":
+        token_budget = default_token_budget(net, device)
+    static = bool(compile) and device.type == "cuda"
+    if compile and not static:
+        accelerator.print(f"note: --eval-compile is for CUDA; generating on {device.type} with the plain path")
+    # Cut from the GLOBAL longest-first order and dealt round-robin, so every batch (and its padding) is the same
+    # whatever the number of processes (tasks.generation)
+    plan = plan_batches([len(p) for p in prompts], max_new_tokens, token_budget=token_budget,
+                        max_sequences=batch_size)
+    my_batches = plan.batches[accelerator.process_index::accelerator.num_processes]
+    # Sharded (FSDP2 / ZeRO-3, tasks/sharding.py): every forward gathers weights collectively, so every process runs
+    # as many generate calls (a discarded batch beyond its own), each with HF's synced_gpus (a process that is done
+    # steps on until every one is), and the adapters unfolded (the fold reads the LoRA weights directly).
+    sharded = lockstep(net)
+    rounds = math.ceil(len(plan.batches) / accelerator.num_processes) if sharded else len(my_batches)
 
     was_training = net.training
     net.eval()
     mine = []  # (instance index, answer)
     try:
-        bar = tqdm(range(rounds), desc=f"generate {task.name}", disable=not (progress and accelerator.is_main_process))
-        for r in bar:
-            batch = my_batches[r] if r < len(my_batches) else batches[-1]  # beyond its own: a discarded batch
-            input_ids = pad_batch([prompts[i] for i in batch], pad_id, side="left").to(device)
-            attention_mask = pad_batch([[1] * len(prompts[i]) for i in batch], 0, side="left").to(device)
-            with weights_for_forward(net):  # synced_gpus: a process that is done steps on until every one is
-                out = net.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                   synced_gpus=sharded)
-            if r >= len(my_batches):
-                continue
-            for i, row in zip(batch, out[:, input_ids.shape[1]:].tolist()):
-                cut = next((k for k, t in enumerate(row) if t in stops), len(row))  # drop the stop token + padding
-                mine.append((i, tokenizer.decode(row[:cut], skip_special_tokens=True).strip()))
+        with folded_adapter(net) if fold and not sharded else contextlib.nullcontext():
+            bar = tqdm(range(rounds), desc=f"generate {task.name}",
+                       disable=not (progress and accelerator.is_main_process))
+            for r in bar:
+                batch = my_batches[r] if r < len(my_batches) else plan.batches[-1]
+                batch_prompts = [prompts[i] for i in batch]
+                if sharded:
+                    with weights_for_forward(net):
+                        rows = hf_generate(net, batch_prompts, pad_id, stops, max_new_tokens, synced_gpus=True)
+                elif static:
+                    rows = hf_generate(net, batch_prompts, pad_id, stops, max_new_tokens, static=True, compile=True)
+                else:
+                    rows = greedy_decode(net, batch_prompts, pad_id, stops, max_new_tokens)
+                if r >= len(my_batches):  # the discarded batch
+                    continue
+                for i, row in zip(batch, rows):  # drop the stop token (+ padding)
+                    mine.append((i, tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True).strip()))
     finally:
         net.train(was_training)
 
@@ -216,9 +254,12 @@ def score_lang(instances) -> str:
 
 
 def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
-                  max_new_tokens=128, max_prompt_tokens=1536, predictions_path=None, lang="en", progress=True) -> dict:
-    """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`.
-    Every process returns the same dict; the predictions JSONL is written by the main process."""
+                  max_new_tokens=128, max_prompt_tokens=MAX_SOURCE_LENGTH, predictions_path=None, lang="en",
+                  progress=True, **generation) -> dict:
+    """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`, plus
+    "trace" and "trace_metric" for a task TRACE scores its own way. Every process returns the same dict; the
+    predictions JSONL is written by the main process. `generation`: generate_answers' token_budget, compile, engine,
+    fold."""
     instances = task.split(split)
     if max_instances is not None:
         if max_instances < 1:
@@ -227,15 +268,19 @@ def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="te
     if lang == "auto":
         lang = score_lang(instances)
     answers = generate_answers(model, tokenizer, task, instruction, instances, accelerator, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, progress=progress)
+                               max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, progress=progress,
+                               **generation)
     records = [{"input": inst.input, "references": list(inst.outputs), "prediction": answer,
                 "rougeL": rouge_l(answer, inst.outputs, lang), "exact_match": exact_match(answer, inst.outputs)}
                for inst, answer in zip(instances, answers)]
+    metric = trace_metric(task.name)
+    if metric is not None:
+        for record in records:
+            record["trace"] = trace_score(task.name, record["prediction"], record["references"])
     if predictions_path is not None and accelerator.is_main_process:
         write_text_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return {"rougeL": sum(r["rougeL"] for r in records) / len(records),
-            "exact_match": sum(r["exact_match"] for r in records) / len(records),
-            "num_instances": len(records)}
+    scores = {score: sum(r[score] for r in records) / len(records) for score in SCORES if score in records[0]}
+    return {**scores, **({"trace_metric": metric} if metric else {}), "num_instances": len(records)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -362,26 +407,36 @@ def plot_heatmap(R, tasks, labels, path, title):
     plt.close(fig)
 
 
+def default_metric(run: dict) -> str:
+    """The score a run is reported on when none is asked for: TRACE's own when R.json has it (every task of the run
+    has a TRACE definition), else ROUGE-L."""
+    return "trace" if "trace" in run else "rougeL"
+
+
 def _run_and_metrics(run_dir, metric) -> tuple[dict, dict]:
     run = read_run(run_dir)
+    metric = metric or default_metric(run)
     if metric not in run:
         present = ", ".join(s for s in SCORES if s in run)
-        raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present})")
+        why = "; TRACE's own scores are kept when every task of the run is a TRACE task" if metric == "trace" else ""
+        raise SapoError(f"{Path(run_dir) / 'R.json'} has no {metric!r} matrix (it has {present}){why}")
     metrics = {"metric": metric, **cl_metrics(run[metric]), "tasks": run["tasks"],
                "other": {s: cl_metrics(run[s]) for s in SCORES if s in run and s != metric}}
     return run, metrics
 
 
-def report_metrics(run_dir, metric="rougeL") -> dict:
-    """The metrics of run_dir/R.json on `metric` (plus the tasks and the other scores' metrics under "other"), as
-    write_report returns them. Reads only: a run that is reported on or compared is never modified."""
+def report_metrics(run_dir, metric=None) -> dict:
+    """The metrics of run_dir/R.json on `metric` (None: default_metric), plus the tasks and the other scores' metrics
+    under "other", as write_report returns them. Reads only: a run that is reported on or compared is never modified."""
     return _run_and_metrics(run_dir, metric)[1]
 
 
-def write_report(run_dir, metric="rougeL") -> dict:
-    """Read run_dir/R.json; write metrics.json, R.csv (`metric`), R_<score>.csv (other scores) and R.png.
+def write_report(run_dir, metric=None) -> dict:
+    """Read run_dir/R.json; write metrics.json, R.csv (`metric`, None: default_metric), R_<score>.csv (other scores)
+    and R.png.
     Returns the metrics of `metric` (plus the tasks and the other scores' metrics under "other")."""
     run, metrics = _run_and_metrics(run_dir, metric)
+    metric = metrics["metric"]
     R, tasks, labels = run[metric], run["tasks"], run["rows"]
     run_dir = Path(run_dir)
     try:
@@ -420,7 +475,9 @@ def parse_args(argv=None):
     report = p.add_argument_group("report a run (reads RUN_DIR/R.json)")
     report.add_argument("run_dir", nargs="?", help="a run directory holding R.json")
     report.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="several runs side by side")
-    report.add_argument("--metric", default="rougeL", choices=SCORES, help="the score the metrics are computed on")
+    report.add_argument("--metric", default=None, choices=SCORES,
+                        help="the score the metrics are computed on (default: trace when R.json has it, i.e. "
+                             "every task is a TRACE task, else rougeL)")
     report.add_argument("--write", action="store_true",
                         help="also write metrics.json, R.csv, R_<score>.csv and R.png into each run directory "
                              "(without it, reporting and comparing only read)")
@@ -435,23 +492,47 @@ def parse_args(argv=None):
                      help="prompt with the original instructions even when --model is a run's task folder whose "
                           "sapo_stack.json stores the instructions its tasks were trained with (the default uses those)")
     run.add_argument("--output-dir", help="write predictions/<task>.jsonl and scores.json here")
-    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="at most N sequences per generation batch (default: up to 256; the token budget decides)")
+    run.add_argument("--eval-token-budget", type=int, default=None,
+                     help="prompt + new tokens per generation batch (default: per device: 8192 on CPU, a third of the "
+                          "free GPU memory as KV cache on CUDA)")
+    run.add_argument("--eval-compile", action="store_true",
+                     help="CUDA: HF static KV cache + torch.compile of the decode step (elsewhere: the plain path)")
+    run.add_argument("--no-fold", action="store_true",
+                     help="run the adapters of a stack unmerged instead of folded into one (slower; for comparison)")
+    run.add_argument("--engine", default="local", choices=("local", "openai"),
+                     help="local: generate in this process; openai: ask a served model (vLLM, SGLang) through its "
+                          "OpenAI-compatible completions endpoint (--api-base, --served-model)")
+    run.add_argument("--api-base", help="--engine openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    run.add_argument("--served-model", help="--engine openai: the model or LoRA name the server serves")
+    run.add_argument("--api-timeout", type=float, default=600.0, help="--engine openai: seconds per request")
     run.add_argument("--max-new-tokens", type=int, default=128)
-    run.add_argument("--max-prompt-tokens", type=int, default=1536)
+    run.add_argument("--max-prompt-tokens", type=int, default=MAX_SOURCE_LENGTH,
+                     help="longer prompts have their input text shortened (default: %(default)s, as training)")
     run.add_argument("--lang", default="auto", choices=("auto", "en", "zh"), help="ROUGE tokenization per task")
     run.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="base weights' dtype; auto: bf16 on a GPU that supports it, else fp32 (LoRA weights stay fp32)")
     run.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export-adapter", nargs=2, metavar=("TASK_DIR", "OUT_DIR"),
+                   help="write the adapter stack of a run's task folder (RUN_DIR/<k>-<task>) folded into one stock "
+                        "peft LoRA directory OUT_DIR (rank = the sum of the adapters' ranks)")
     args = p.parse_args(argv)
-    modes = [name for name, on in (("RUN_DIR", args.run_dir), ("--compare", args.compare), ("--tasks", args.tasks))
-             if on]
+    modes = [name for name, on in (("RUN_DIR", args.run_dir), ("--compare", args.compare), ("--tasks", args.tasks),
+                                   ("--export-adapter", args.export_adapter)) if on]
     if args.model and not args.tasks:
         p.error("--model needs --tasks (the tasks to evaluate it on)")
     if len(modes) != 1:
-        p.error("give exactly one of RUN_DIR, --compare RUN_DIR ..., or --model M --tasks a,b"
+        p.error("give exactly one of RUN_DIR, --compare RUN_DIR ..., --model M --tasks a,b, or --export-adapter"
                 + (f" (got {' and '.join(modes)})" if modes else ""))
     if args.max_instances is not None and args.max_instances < 1:
         p.error("--max-instances must be at least 1")
+    if args.engine == "openai" and not (args.api_base and args.served_model):
+        p.error("--engine openai needs --api-base URL and --served-model NAME")
+    if args.eval_token_budget is not None and args.eval_token_budget < 1:
+        p.error("--eval-token-budget must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
     if args.write and args.tasks:
         p.error("--write writes a run's report; it goes with RUN_DIR or --compare, not --tasks (see --output-dir)")
     return args
@@ -466,14 +547,18 @@ def report_main(args):
             reports[name if names.count(name) == 1 else d] = report(d, args.metric)
         if len({tuple(r["tasks"]) for r in reports.values()}) > 1:
             print("note: the runs do not have the same task sequence")
-        print(f"metrics on {args.metric}\n\n{compare_table(reports)}")
+        used = list(dict.fromkeys(r["metric"] for r in reports.values()))
+        if len(used) > 1:
+            which = ", ".join(f"{name}: {r['metric']}" for name, r in reports.items())
+            print(f"note: the runs are reported on different scores ({which}); --metric picks one for all")
+        print(f"metrics on {', '.join(used)}\n\n{compare_table(reports)}")
         if args.write:
-            print(f"\nwrote the report files of {args.metric} into {', '.join(args.compare)}")
+            print(f"\nwrote the report files of {', '.join(used)} into {', '.join(args.compare)}")
         return reports
     run = read_run(args.run_dir)
     metrics = report(args.run_dir, args.metric)
-    print(f"{args.run_dir}: {args.metric}, {metrics['progress']['note']}\n")
-    print(markdown_table(run[args.metric], run["tasks"]) + "\n")
+    print(f"{args.run_dir}: {metrics['metric']}, {metrics['progress']['note']}\n")
+    print(markdown_table(run[metrics["metric"]], run["tasks"]) + "\n")
     for m in METRICS:
         print(f"{m:9s}{_fmt(metrics[m], 2):>8s}   rows {metrics['rows_used'][m]}")
     if args.write:
@@ -538,29 +623,51 @@ def run_main(args):
     if from_stack:
         accelerator.print(f"note: {', '.join(from_stack)} prompted with the instructions stored in {stack_file} (the "
                           "ones they were trained with); --original-instructions prompts with the original ones")
-    dtype = resolve_dtype(args.dtype, accelerator.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype).to(accelerator.device)
-    model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
+    engine = served_engine(args, tokenizer, accelerator) if args.engine == "openai" else None
+    model = None
+    if engine is None:
+        model = load_model(args.model, dtype=resolve_dtype(args.dtype, accelerator.device)).to(accelerator.device)
+        model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
+    # Served: predictions are staged outside the output directory and moved there only when every task has its
+    # answers, so a server failing half-way writes nothing.
+    staging = Path(tempfile.mkdtemp(prefix="sapo-served-")) if engine is not None and args.output_dir else None
+    predictions_dir = (staging or Path(args.output_dir or ".")) / "predictions"
 
     results = []
     for task, (instruction, source) in zip(tasks, chosen):
-        predictions = Path(args.output_dir) / "predictions" / f"{task.name}.jsonl" if args.output_dir else None
-        scores = evaluate_task(model, tokenizer, task, instruction, accelerator, split=args.split,
-                               max_instances=args.max_instances, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                               predictions_path=predictions, lang=args.lang, progress=not args.no_progress)
+        predictions = predictions_dir / f"{task.name}.jsonl" if args.output_dir else None
+        try:
+            scores = evaluate_task(model, tokenizer, task, instruction, accelerator, split=args.split,
+                                   max_instances=args.max_instances, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                                   predictions_path=predictions, lang=args.lang, progress=not args.no_progress,
+                                   token_budget=args.eval_token_budget or "auto", compile=args.eval_compile,
+                                   engine=engine, fold=not args.no_fold)
+        except BaseException:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         results.append({"task": task.name, "instruction": instruction, "instruction_source": source, **scores})
-        accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}  "
-                          f"({scores['num_instances']} instances)")
+        trace = f"  trace {scores['trace']:.2f} ({scores['trace_metric']})" if "trace" in scores else ""
+        accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}"
+                          f"{trace}  ({scores['num_instances']} instances)")
 
-    accelerator.print("\n| task | rougeL | exact_match | instances |\n|---|---|---|---|")
+    # A score is a column (and a list in scores.json) when every task has it: TRACE's only for TRACE tasks.
+    columns = [score for score in SCORES if all(score in r for r in results)]
+    accelerator.print("\n| task | " + " | ".join(columns) + " | instances |\n" + "|---" * (len(columns) + 2) + "|")
     for r in results:
-        accelerator.print(f"| {r['task']} | {r['rougeL']:.2f} | {r['exact_match']:.2f} | {r['num_instances']} |")
+        cells = " | ".join(f"{r[c]:.2f}" for c in columns)
+        accelerator.print(f"| {r['task']} | {cells} | {r['num_instances']} |")
+    if staging is not None:
+        for file in sorted((staging / "predictions").iterdir()):
+            write_text_atomic(Path(args.output_dir) / "predictions" / file.name, file.read_text(encoding="utf-8"))
+        shutil.rmtree(staging, ignore_errors=True)
     if args.output_dir and accelerator.is_main_process:
-        summary = {"model": args.model, "split": args.split, "max_instances": args.max_instances,
-                   "tasks": [r["task"] for r in results],
-                   "rougeL": [r["rougeL"] for r in results], "exact_match": [r["exact_match"] for r in results],
+        summary = {"model": args.model, "split": args.split,
+                   **({"engine": "openai", "api_base": args.api_base, "served_model": args.served_model}
+                      if engine is not None else {}), "max_instances": args.max_instances,
+                   "tasks": [r["task"] for r in results], **{c: [r[c] for r in results] for c in columns},
                    "results": results}
         write_text_atomic(Path(args.output_dir) / "scores.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")
@@ -568,9 +675,64 @@ def run_main(args):
     return results
 
 
+def served_engine(args, tokenizer, accelerator):
+    """--engine openai: the served model, checked with one short request before any work."""
+    from tasks.served import ServedEngine
+
+    if accelerator.num_processes > 1:
+        raise SapoError("--engine openai runs in one process (the server batches): run it without accelerate launch")
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from tasks.models import resolve
+
+    try:  # the model's generation EOS ids, as in-process (no weights loaded)
+        generation_config = GenerationConfig.from_pretrained(resolve(args.model)[0])
+    except (OSError, ValueError):
+        generation_config = None
+    stops = stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation_config))
+    strings = tuple(dict.fromkeys(t for t in (tokenizer.decode([i]) for i in stops) if t.strip()))
+    engine = ServedEngine(args.api_base, args.served_model, stop_strings=strings, timeout_s=args.api_timeout,
+                          stop_ids=tuple(stops))
+    engine.check(tokenizer("Hello", add_special_tokens=False)["input_ids"] or stops[:1], stops)
+    return engine
+
+
+def export_main(args) -> Path:
+    """--export-adapter TASK_DIR OUT_DIR: the task folder's adapter stack folded into one stock peft LoRA."""
+    import torch
+
+    from tasks.fold import covering_all_targets, export_folded, fold_active_adapters
+    from tasks.models import load_model, resolve
+
+    source, out_dir = args.export_adapter
+    if Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())):
+        raise SapoError(f"{out_dir} exists and is not an empty directory; export into a new directory")
+    base, adapters = resolve(source)
+    if not adapters:
+        raise SapoError(f"{source} holds no adapter to export (expected a run's task folder with sapo_stack.json, "
+                        "or a peft adapter directory)")
+    # The base weights do not enter the fold: bf16 halves the memory of loading them (the adapters stay fp32)
+    net = load_model(source, dtype=torch.bfloat16)
+    folded = covering_all_targets(net, fold_active_adapters(net))
+    export_folded(folded, base, out_dir)
+    vllm_rank = next((r for r in VLLM_LORA_RANKS if r >= folded.rank), folded.rank)
+    print(f"wrote {out_dir}: one LoRA of rank {folded.rank} folded from {len(adapters)} adapter(s) on "
+          f"{', '.join(folded.target_suffixes)} ({len(folded.modules)} modules); base model {base}")
+    print(f"serve it: vllm serve {base} --enable-lora --max-lora-rank {vllm_rank} --lora-modules "
+          f"sapo={Path(out_dir).resolve()}")
+    return Path(out_dir)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts (MaxLoRARanks)
+
+
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_adapter:
+        return export_main(args)
     return run_main(args) if args.tasks else report_main(args)
 
 

@@ -47,7 +47,7 @@ from tasks.flags import POOL_RANGES, OneLineParser, Range, check_ranges
 from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import read_json, write_json
 from tasks.pools import PoolSource
-from tasks.prompts import encode_task_example
+from tasks.prompts import MAX_LENGTH, encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, score_key
@@ -147,7 +147,7 @@ class Selection:
 
 
 @torch.no_grad()
-def reference_score(model, tokenizer, task, instruction: str, instances, max_length=2048) -> CandidateScore:
+def reference_score(model, tokenizer, task, instruction: str, instances, max_length=MAX_LENGTH) -> CandidateScore:
     """The score of one candidate by the plainest route: one unpadded HF forward with `labels` per instance (HF
     shifts the labels and averages the NLL of the unmasked ones), times that instance's response-token count. Slow;
     for tests and benchmarks, which compare score_candidates with it."""
@@ -167,7 +167,7 @@ def reference_score(model, tokenizer, task, instruction: str, instances, max_len
 
 
 def score_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None, *,
-                     token_budget=16384, max_length=2048, cache_path=None, state_id="", progress=True,
+                     token_budget=16384, max_length=MAX_LENGTH, cache_path=None, state_id="", progress=True,
                      row_tokens=None) -> Selection:
     """Score every candidate instruction on every one of `instances` with `model` (a causal LM, adapters inside).
 
@@ -294,8 +294,8 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
 
 
 def race_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None, *, first=8,
-                    growth=2.0, confidence=0.95, token_budget=16384, max_length=2048, cache_path=None, state_id="",
-                    progress=True, row_tokens=None) -> Selection:
+                    growth=2.0, confidence=0.95, token_budget=16384, max_length=MAX_LENGTH, cache_path=None,
+                    state_id="", progress=True, row_tokens=None) -> Selection:
     """Select like score_candidates, scoring only the candidates that can still be the best (tasks.racing).
 
     Each round calls score_candidates for the survivors on the new slice of `instances` (exact, the same with any
@@ -384,11 +384,16 @@ def parse_args(argv=None):
                                                        "model), or the model name for --paraphrase-api")
     p.add_argument("--paraphrase-api", default=None, metavar="URL", help="OpenAI-compatible chat endpoint")
     p.add_argument("--paraphrase-cache", default=None, help="default: paraphrases.json next to --output")
+    p.add_argument("--meta-prompt", default=None, metavar="FILE",
+                   help="the request for a --generate rewrite: UTF-8 text with {instruction} once (and optionally "
+                        "{label_words}); default: built-in, Chinese for a Chinese instruction, else English")
     p.add_argument("--output", default=None, help="scores JSON (written atomically by the main process)")
     p.add_argument("--cache", default=None, help="score cache JSON; default: score_cache.json next to --output")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--token-budget", type=int, default=16384, help="padded tokens per forward batch")
-    p.add_argument("--max-length", type=int, default=2048, help="longer sequences shorten their input text")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                   help="longer sequences shorten their input text (default: %(default)s, training's max source + "
+                        "max target length)")
     p.add_argument("--row-tokens", type=int, default=None, help="width of a packed row (default: from the model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="base weights (LoRA weights stay fp32; the NLL is summed in fp32): auto = bf16 on a CUDA GPU "
@@ -440,7 +445,7 @@ def main(argv=None):
     launch = check_launch("score_prompts.py")
     source = PoolSource(candidates_file=args.candidates, max_candidates=args.max_candidates, generate=args.generate,
                         paraphraser=args.paraphraser, paraphrase_api=args.paraphrase_api,
-                        temperature=args.temperature, seed=args.seed)
+                        temperature=args.temperature, seed=args.seed, meta_prompt=args.meta_prompt)
     source.check()
     from accelerate import Accelerator
 

@@ -32,7 +32,7 @@ import torch
 import evaluate
 import score_prompts
 from tasks import SapoError, cli_main
-from tasks.prompts import encode_task_example
+from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_example
 from tasks.core import Task
 from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
@@ -46,6 +46,10 @@ from tasks.score_cache import model_state_id
 from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
 from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
+from tasks.attention import ATTENTION_CHOICES, set_training_attention
+from tasks.fused_ops import FUSED_OPS_CHOICES, apply_fused_ops
+from tasks.memory_plan import CHECKPOINTING_MODES, choose_checkpointing, estimate_training_memory, \
+    largest_micro_batch, peak_memory_reached
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -63,6 +67,7 @@ class Config:
     generate: int = 0  # paraphrases to generate with a chat model instead of a pool (original stays candidate 0)
     paraphraser: str | None = None  # local chat model for --generate (default: the current model), or the API's model
     paraphrase_api: str | None = None  # OpenAI-compatible chat endpoint for --generate
+    meta_prompt: str | None = None  # file: the request for a --generate rewrite, {instruction} in it (None: built-in)
     max_candidates: int | None = None  # use only the first N candidates of a pool (original included)
     score_instances: int = 250  # candidates are scored on the first N training instances
     race_first: int = 8  # sapo-race (ours): instances of the first round (then x2 per round up to score_instances)
@@ -77,8 +82,8 @@ class Config:
     global_batch_size: int = 64  # sequences per optimizer step, whatever the number of processes
     micro_batch_size: int = 8  # sequences per forward without --micro-batch-tokens; accumulation fills the rest
     max_grad_norm: float = 1.0
-    max_source_length: int = 1536
-    max_target_length: int = 128
+    max_source_length: int = MAX_SOURCE_LENGTH  # tokens of a prompt (tasks.prompts: shared with the other scripts)
+    max_target_length: int = MAX_TARGET_LENGTH  # tokens of an answer; an example holds at most the sum
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1
@@ -88,7 +93,9 @@ class Config:
     eval_prompt: str = "selected"  # selected | original: instruction for already-trained tasks at evaluation
     eval_split: str = "test"
     eval_instances: int | None = None  # None = the whole split
-    eval_batch_size: int = 16
+    eval_batch_size: int | None = None  # at most N sequences per generation batch (None: up to 256)
+    eval_token_budget: int | None = None  # ours: prompt + new tokens per generation batch (None: per device)
+    eval_compile: bool = False  # ours: CUDA: static KV cache + torch.compile of the decode step
     max_new_tokens: int = 128
     score_token_budget: int = 16384
     # Ours: re-score every N steps on the train instances after --train-instances (held out); switch only when the
@@ -101,13 +108,15 @@ class Config:
     output_dir: str = "runs/demo"
     report_to: str | None = None  # an accelerate tracker (tensorboard, wandb) when installed
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 of the base weights (LoRA weights stay fp32; scoring sums in fp32)
-    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory, more time)
+    gradient_checkpointing: str = "off"  # on | off | auto (ours: off when the estimated peak fits the device's memory)
+    attention: str = "sdpa"  # training attention: sdpa (dense 4-D mask) | flex (ours: FlexAttention, skips masked tiles)
+    fused_ops: str = "none"  # none | liger (ours: Liger-Kernel's fused RMSNorm, SwiGLU and RoPE; needs a GPU)
     micro_batch_tokens: int | None = None  # fill each forward up to N tokens, padding included (None: by count)
 
     def pool_source(self) -> PoolSource:
         return PoolSource(candidates_file=self.candidates, max_candidates=self.max_candidates,
                           generate=self.generate, paraphraser=self.paraphraser, paraphrase_api=self.paraphrase_api,
-                          seed=self.seed)
+                          seed=self.seed, meta_prompt=self.meta_prompt)
 
     def fixed_candidate(self) -> int | None:
         """K of --select fixed:K (train with candidate K of the pool, unscored), else None."""
@@ -118,12 +127,13 @@ PRESETS = {
     # The authors' O-LoRA strength: their trainer adds 0.5 * orth to the loss of each of the 8 micro-batches of an
     # optimizer step and never divides it by the 8 accumulation steps (transformers 4.51 skips that division for models
     # that take loss kwargs, as Qwen3 does, and tells DeepSpeed scale_wrt_gas=False), while the cross-entropy is a
-    # token mean over the whole step (num_items_in_batch). Per step the gradient is that of CE + 8 * 0.5 * orth; ours
-    # counts the penalty once per step, so the same strength is olora_lambda1 = 4.0.
+    # token mean over each GPU's 8 micro-batches (num_items_in_batch), averaged over the GPUs (README: "Reproducing
+    # the paper"). Per step the gradient is that of CE + 8 * 0.5 * orth; ours counts the penalty once per step, so the
+    # same strength is olora_lambda1 = 4.0.
     # The authors' schedule as it ran: their scripts ask for cosine, but their DeepSpeed config's WarmupLR replaces it
     # (a log-shaped warmup, then constant; lr_factor). `--schedule cosine` is the one the scripts asked for.
     "paper": dict(sequence="ni_seq_c1", model="Qwen/Qwen3-8B", output_dir="runs/paper", dtype="bf16",
-                  olora_lambda1=4.0, gradient_checkpointing=True, micro_batch_tokens=16384, schedule="warmup-log"),
+                  olora_lambda1=4.0, gradient_checkpointing="auto", micro_batch_tokens=16384, schedule="warmup-log"),
     # Small enough to finish in minutes on a 2-core CPU with SmolLM2-135M; still the whole algorithm. Its sequence
     # (tasks/builtin.py) has tasks SmolLM2-135M learns in 12 steps: `animal` was dropped, as it ended every
     # prediction "yes" (below its zero-shot score).
@@ -133,7 +143,8 @@ PRESETS = {
 }
 # Fields that do not change results: a rerun may change them without being refused. The run directory's own path is
 # one of them: a moved or copied run resumes.
-RESUME_FREE = {"report_to", "eval_batch_size", "score_token_budget", "checkpoint_every", "output_dir", "preset",
+RESUME_FREE = {"report_to", "eval_batch_size", "eval_token_budget", "eval_compile", "score_token_budget",
+               "checkpoint_every", "output_dir", "preset",
                "gradient_checkpointing"}  # recomputes the same activations (RNG state kept): same gradients
 # Paths of the inputs: compared by what they hold (tasks.run_dir.RunKey: each task's data, each pool, the model's
 # files), not by how they are spelled, so a relative path, a moved data dir or a copied candidates file resume.
@@ -148,11 +159,15 @@ FLAG_RANGES = {
     "max_grad_norm": Range(0, low_open=True), "max_source_length": Range(1), "max_target_length": Range(1),
     "lora_r": Range(1), "lora_alpha": Range(0, low_open=True), "lora_dropout": Range(0, 1, high_open=True),
     "olora_lambda1": Range(0), "olora_lambda2": Range(0), "eval_batch_size": Range(1), "max_new_tokens": Range(1),
+    "eval_token_budget": Range(1),
     "score_token_budget": Range(1), "reselect_every": Range(0), "reselect_top": Range(1), "checkpoint_every": Range(0),
 }
 CHOICES = {"method": ("lora-inc", "o-lora", "seq-lora"), "eval_prompt": ("selected", "original"),
            "schedule": ("cosine", "linear", "constant", "warmup-log"), "eval_split": ("train", "dev", "test"),
-           "dtype": ("auto", "bf16", "fp16", "fp32")}
+           "dtype": ("auto", "bf16", "fp16", "fp32"), "gradient_checkpointing": CHECKPOINTING_MODES,
+           "attention": ATTENTION_CHOICES, "fused_ops": FUSED_OPS_CHOICES}
+# Flags whose value may be left out: `--gradient-checkpointing` alone means on (as when it was a switch).
+BARE_FLAG_VALUES = {"gradient_checkpointing": "on"}
 
 
 def choose_preset(preset: str | None, given: dict) -> str | None:
@@ -189,7 +204,7 @@ def check_lora_targets(model, lora_targets: str):
 def training_recipe(config: Config) -> TrainingRecipe:
     """What a DeepSpeed launch must agree with (tasks.launch)."""
     return TrainingRecipe(max_grad_norm=config.max_grad_norm, schedule=config.schedule,
-                          micro_batch_size=config.micro_batch_size, dtype=config.dtype, method=config.method)
+                          micro_batch_size=config.micro_batch_size, method=config.method)
 
 
 def check_batch_split(config: Config, world: int):
@@ -220,7 +235,9 @@ def parse_config(argv=None) -> tuple[Config, bool]:
         base_type = f.type.split("|")[0].strip()  # annotations are strings here ("int | None")
         allowed = f"; {FLAG_RANGES[f.name]}" if f.name in FLAG_RANGES else ""
         help_text = (comments.get(f.name, "") + f" (default: {f.default}{allowed})").strip().replace("%", "%%")
-        if base_type == "bool":
+        if f.name in BARE_FLAG_VALUES:
+            parser.add_argument(flag, nargs="?", const=BARE_FLAG_VALUES[f.name], default=None, help=help_text)
+        elif base_type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, type={"int": int, "float": float}.get(base_type, str), default=None,
@@ -361,6 +378,10 @@ class Training:
     warmup_steps: int
     seconds: float  # training alone; re-selection time is selection overhead
     reselection_seconds: float = 0.0
+    gradient_checkpointing: str = ""  # on | off as used (--gradient-checkpointing auto chooses; ours)
+    estimated_peak_bytes: int = 0  # tasks.memory_plan's estimate for the mode used
+    peak_memory_bytes: int = 0  # the peak actually reached (see peak_memory)
+    peak_memory: str = ""  # what peak_memory_bytes measures
 
 
 @dataclass
@@ -468,6 +489,9 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
 
     world, rank = accelerator.num_processes, accelerator.process_index
     net = peft_model.get_base_model()  # the transformers model, LoRA layers inside
+    if config.attention == "flex" and accelerator.device.type != "cuda":
+        raise SapoError("--attention flex trains on a CUDA GPU only: torch's FlexAttention has no backward on CPU")
+    attention_before = set_training_attention(net, config.attention) if config.attention != "sdpa" else None
     layout = training_layout(net)
     # Our own accumulation: a step's micro-batch count varies with its lengths; the gradient is synchronized once,
     # after a process's last micro-batch (no_sync before), and the optimizer steps once per global batch.
@@ -486,17 +510,32 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     # which would make the schedule depend on the number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
-    if config.gradient_checkpointing:
+    # Ours: the step's peak memory estimated from the largest micro-batch (printed), and auto checkpointing from it.
+    step_module = SupervisedNLL(peft_model, layout)
+    tokens, width, head_rows = largest_micro_batch(
+        [micro_batches(encoded, b, config, layout, 0, 1) for b in steps], encoded, steps)
+    if lockstep(net):  # sharded (tasks/sharding.py): one process's probe forward cannot run alone; auto = on
+        estimate, checkpointing = None, config.gradient_checkpointing != "off"
+    else:
+        estimate = estimate_training_memory(step_module, net, tokens, width, accelerator.device, head_rows)
+        checkpointing = choose_checkpointing(config.gradient_checkpointing, estimate)
+    accelerator.print(f"{estimate.describe() if estimate else 'sharded: no memory estimate'}: gradient "
+                      f"checkpointing {'on' if checkpointing else 'off'} (--gradient-checkpointing "
+                      f"{config.gradient_checkpointing})")
+    if checkpointing:
         set_gradient_checkpointing(net, True)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     # The whole loss computation is one module, so that DDP (which only reduces gradients of a backward that follows
     # a forward through its wrapper) sees it.
-    model, optimizer = prepare_for_training(accelerator, SupervisedNLL(peft_model, layout), optimizer, net)
+    model, optimizer = prepare_for_training(accelerator, step_module, optimizer, net)  # tasks/sharding.py
 
     checkpoint = task_dir / "checkpoint"
     log_path = task_dir / "train_log.jsonl"
     start_step, earlier_seconds = 0, 0.0
     recover_checkpoint(accelerator, checkpoint)
     if (checkpoint / "sapo_step.json").exists():
+        check_checkpoint_format(checkpoint, deepspeed, task_dir.name)
         check_checkpoint_keys(model, checkpoint)
         accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
         saved = read_json(checkpoint / "sapo_step.json")
@@ -570,14 +609,30 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
             save_checkpoint(accelerator, checkpoint, step + 1, extra)
     bar.close()
     model.eval()
-    if config.gradient_checkpointing:
+    if checkpointing:
         set_gradient_checkpointing(net, False)
+    if attention_before is not None:
+        net.set_attn_implementation(attention_before)  # scoring and generation keep their own attention
+    peak, peak_kind = peak_memory_reached(accelerator.device)
     accelerator.wait_for_everyone()
     end_training(accelerator, net)  # accelerate's references dropped (ZeRO-3: inference hooks back on `net`)
     segment_reselect = (reselect.seconds - reselect_before) if reselect else 0.0
     return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
                                 seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
-                                reselection_seconds=reselect.seconds if reselect else 0.0)
+                                reselection_seconds=reselect.seconds if reselect else 0.0,
+                                gradient_checkpointing="on" if checkpointing else "off",
+                                estimated_peak_bytes=estimate.peak(checkpointing) if estimate else 0,
+                                peak_memory_bytes=peak, peak_memory=peak_kind)
+
+
+def check_checkpoint_format(checkpoint: Path, deepspeed: bool, task: str):
+    """A DeepSpeed launch writes the engine's own checkpoint (a pytorch_model/ folder of per-process partitions), any
+    other launch a model.safetensors: a resume under the other kind of launch would fail inside the loader."""
+    by_deepspeed = (checkpoint / "pytorch_model").is_dir()
+    if by_deepspeed != deepspeed:
+        written = "a DeepSpeed" if by_deepspeed else "a non-DeepSpeed"
+        raise SapoError(f"{checkpoint} was written by {written} launch: resume with the same launch, or delete it to "
+                        f"train {task} again from its start")
 
 
 def check_checkpoint_keys(model, checkpoint: Path):
@@ -737,7 +792,7 @@ class Row:
     """scores.json: one row of R, every task of the sequence evaluated with one model state."""
 
     row: str  # the row's label: zero-shot, or "after <task>"
-    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, num_instances)
+    scores: dict[str, dict]  # task name -> evaluate.evaluate_task's result (rougeL, exact_match, [trace], ...)
     seconds: float
 
 
@@ -936,7 +991,8 @@ def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instruc
             state.model, run.tokenizer, task, instructions[task.name], run.accelerator, split=config.eval_split,
             max_instances=config.eval_instances, batch_size=config.eval_batch_size,
             max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_source_length,
-            predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress)
+            predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress,
+            token_budget=config.eval_token_budget or "auto", compile=config.eval_compile)  # adapters folded into one
     row = Row(row=label, scores=scores, seconds=time.perf_counter() - start)
     run.save(row_dir / "scores.json", dataclasses.asdict(row))
     return row
@@ -950,8 +1006,12 @@ def write_results(run: Run, rows: list[Row], timings: dict):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
+    # A score is a matrix of R when every task of every row has it: TRACE's own ("trace") in a run of TRACE tasks.
+    present = [s for s in evaluate.SCORES if all(s in r.scores[n] for r in rows for n in names)]
     R = {"tasks": names, "rows": [r.row for r in rows],
-         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in ("rougeL", "exact_match")}}
+         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in present}}
+    if "trace" in present:
+        R["trace_metrics"] = {n: rows[0].scores[n]["trace_metric"] for n in names}
     write_json(run.run_dir / "R.json", R)
     evaluate.write_report(run.run_dir)
     if timings:
@@ -981,9 +1041,9 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
-    metrics = evaluate.write_report(run.run_dir)
-    print()
-    print(evaluate.markdown_table([[r.scores[n]["rougeL"] for n in names] for r in rows], names))
+    metrics = evaluate.write_report(run.run_dir)  # on TRACE's own scores when R has them, else ROUGE-L
+    print(f"\n{metrics['metric']}:")
+    print(evaluate.markdown_table([[r.scores[n][metrics["metric"]] for n in names] for r in rows], names))
     print()
     print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
     overhead = [t["selection_overhead_pct"] for t in timings.values() if t.get("selection_overhead_pct")]
@@ -1024,6 +1084,9 @@ def main(argv=None):
         accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
     state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
     check_lora_targets(state.model, config.lora_targets)
+    if config.fused_ops != "none":  # ours: for selection, training and generation alike
+        accelerator.print(f"--fused-ops {config.fused_ops}: " + ", ".join(apply_fused_ops(state.model,
+                                                                                          config.fused_ops)))
 
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
     originals = {t.name: t.instruction for t in tasks}

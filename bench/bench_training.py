@@ -6,6 +6,14 @@ Variants, each on the same 64 sequences (the first global batch of train_sapo.gl
   - ours: tasks.train_batches (packed rows filled to --micro-batch-tokens) + tasks.train_step.SupervisedNLL (the LM
     head on supervised rows only);
   - ours-ckpt: the same with gradient checkpointing (the paper preset).
+Ours, beyond those (issue 24), composable in one name: `ours[-ckpt][-flex][-liger][@BUDGET]`:
+  - -flex: FlexAttention with a document mask over the packed rows (tasks.attention: masked-off tiles skipped; CUDA);
+  - -liger: Liger-Kernel's fused RMSNorm / SwiGLU / RoPE (tasks.fused_ops; CUDA, the package importable). Liger
+    patches the model for good, so liger variants run after all others of the process;
+  - @BUDGET: --micro-batch-tokens of this variant (default: the flag's value), e.g. ours-ckpt@4096.
+Each row reports tokens/s, TF/s effective (6 x the backbone's matmul parameters, embeddings excluded, x real
+tokens/s: the usual training-FLOPs convention, although the frozen base computes no weight gradients), the peak
+memory, and tasks.memory_plan's estimate of it.
 Each runs forward + backward over all micro-batches of the step and one AdamW step on a LoRA (r=8, alpha 32, q_proj
 and v_proj, dropout 0 so that the gradients are comparable). Training tokens/s counts the sequences' real tokens
 (padding excluded). The LoRA gradient of every variant is compared with today's (max |diff| / max |today|).
@@ -42,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -50,10 +59,6 @@ from tasks.train_batches import build_batch, plan_micro_batches, supervised_toke
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout  # noqa: E402
 
 VARIANTS = ("today", "ours", "ours-ckpt")  # + "ours-ckpt-flash": flash_attention_2 (varlen layout), when installed
-# Qwen3-8B's config.json (hub: Qwen/Qwen3-8B), rebuilt here: the GPU machine cannot download it.
-QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,12 +99,18 @@ def random_sequences(profile, vocab_size: int, seed: int = 0) -> list[Encoded]:
 def load_bench_model(args):
     from peft import LoraConfig, get_peft_model
 
-    if args.qwen3_8b:
-        from transformers import AutoModelForCausalLM, Qwen3Config
+    arch = "qwen3-8b" if args.qwen3_8b else args.arch
+    if arch:  # a real architecture's sizes (bench/random_model.py), random weights, built where it runs
+        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
+        from random_model import ARCHS
+
+        kind, sizes = ARCHS[arch]
+        cuda = torch.cuda.is_available()
         torch.manual_seed(0)
-        with torch.device("cuda"):
-            net = AutoModelForCausalLM.from_config(Qwen3Config(**QWEN3_8B), dtype=torch.bfloat16)
+        with torch.device("cuda" if cuda else "cpu"):
+            net = AutoModelForCausalLM.from_config((Qwen3Config if kind == "qwen3" else LlamaConfig)(**sizes),
+                                                   dtype=torch.bfloat16 if cuda else torch.float32)
     else:
         from tasks.models import load_model
 
@@ -125,7 +136,18 @@ def today_loss(model, encoded, micro, device):
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def parse_variant(name: str, default_budget: int) -> tuple[str, int]:
+    """'ours-ckpt-flex@8192' -> ('ours-ckpt-flex', 8192)."""
+    base, _, budget = name.partition("@")
+    return base, int(budget) if budget else default_budget
+
+
 def run_variant(peft_model, encoded, variant: str, args) -> dict:
+    from tasks.attention import set_training_attention
+    from tasks.fused_ops import apply_fused_ops
+
+    name = variant
+    variant, budget = parse_variant(variant, args.micro_batch_tokens)
     device = next(peft_model.parameters()).device
     net = peft_model.get_base_model()
     batch = list(range(len(encoded)))
@@ -140,12 +162,28 @@ def run_variant(peft_model, encoded, variant: str, args) -> dict:
         steps = [lambda m=m: today_loss(peft_model, encoded, m, device) for m in micro]
         layout = "padded"
     else:
-        net.set_attn_implementation("flash_attention_2" if variant.endswith("-flash") else "sdpa")
+        if "-liger" in variant and not getattr(net, "_sapo_liger", False):
+            apply_fused_ops(net, "liger")
+            net._sapo_liger = True
+        elif "-liger" not in variant and getattr(net, "_sapo_liger", False):
+            raise RuntimeError(f"{name}: the model was patched by an earlier liger variant")
+        if variant.endswith("-flash"):
+            net.set_attn_implementation("flash_attention_2")
+        else:
+            set_training_attention(net, "flex" if "-flex" in variant else "sdpa")
         layout = training_layout(net)
         step_module = SupervisedNLL(peft_model, layout)
-        plan = plan_micro_batches([len(e.input_ids) for e in encoded], args.micro_batch_tokens, 8, layout)
+        plan = plan_micro_batches([len(e.input_ids) for e in encoded], budget, 8, layout)
         forward_tokens = sum(m.tokens for m in plan)
         steps = [lambda m=m: step_module(build_batch(encoded, m.rows, 0).to(device)) for m in plan]
+    estimated = None  # tasks.memory_plan's estimate of the peak, from a probe forward without checkpointing
+    if variant != "today":
+        from tasks.memory_plan import estimate_training_memory
+
+        head_rows = max(supervised_tokens(encoded, [i for row in m.rows for i in row]) for m in plan)
+        estimated = estimate_training_memory(step_module, net, max(m.tokens for m in plan),
+                                             max(m.width for m in plan), device, head_rows
+                                             ).peak(variant.startswith("ours-ckpt"))
     set_gradient_checkpointing(net, variant.startswith("ours-ckpt"))
     peft_model.train()
     cuda = device.type == "cuda"
@@ -167,7 +205,8 @@ def run_variant(peft_model, encoded, variant: str, args) -> dict:
             torch.cuda.synchronize()
     except torch.OutOfMemoryError as e:
         optimizer.zero_grad(set_to_none=True)
-        result = {"variant": variant, "oom": str(e).split("\n")[0][:200], "micro_batches": len(steps)}
+        result = {"variant": name, "budget": budget, "oom": str(e).split("\n")[0][:200],
+                  "micro_batches": len(steps), "estimated_peak_bytes": estimated}
         steps.clear()  # the closures hold the batches
         if cuda:
             torch.cuda.empty_cache()
@@ -183,9 +222,13 @@ def run_variant(peft_model, encoded, variant: str, args) -> dict:
     optimizer.zero_grad(set_to_none=True)
     set_gradient_checkpointing(net, False)
     real_tokens = sum(len(e.input_ids) for e in encoded)
-    result = {"variant": variant, "layout": layout, "micro_batches": len(steps), "seconds": timed,
+    backbone = getattr(net, net.base_model_prefix)
+    matmul_params = sum(p.numel() for p in backbone.parameters() if not p.requires_grad) - \
+        backbone.get_input_embeddings().weight.numel()
+    result = {"variant": name, "budget": budget, "layout": layout, "micro_batches": len(steps), "seconds": timed,
               "wall_seconds": seconds, "real_tokens": real_tokens, "forward_tokens": forward_tokens,
-              "tokens_per_s": real_tokens / timed,
+              "tokens_per_s": real_tokens / timed, "tf_per_s_effective": 6 * matmul_params * real_tokens / timed / 1e12,
+              "estimated_peak_bytes": estimated,
               "loss": loss_sum / total_tokens, "grads": grads}
     if cuda:
         result.update(peak_bytes=torch.cuda.max_memory_allocated(), model_bytes=before,
@@ -214,8 +257,13 @@ def worker(args):
         run_variant(peft_model, random_sequences([[30, 4]] * 2, vocab), "ours", args)
     for task in args.tasks or profiles:
         encoded = random_sequences(profiles[task], vocab)
-        for variant in args.variants:
-            result = run_variant(peft_model, encoded, variant, args)
+        for variant in sorted(args.variants, key=lambda v: "-liger" in v):  # liger patches for good: last
+            try:
+                result = run_variant(peft_model, encoded, variant, args)
+            except Exception as e:  # noqa: BLE001 - one variant failing (a missing package, a compile error) is
+                result = {"variant": variant, "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                          "micro_batches": 0}  # recorded, the next one runs
+                print(f"variant {variant} failed: {result['failed']}", file=sys.stderr, flush=True)
             grads = result.pop("grads", None)
             if grads is not None:
                 torch.save(grads, Path(args.grads_dir) / f"{task}.{variant}.pt")
@@ -232,16 +280,20 @@ def device_name(args) -> str:
 
 
 def compare(results: list[dict], grads_dir: Path) -> list[dict]:
+    """Gradients and speed of every variant against today's path of its task, or, where today's was not run, the
+    first variant run for the task (the GPU suite's 8B part skips today's: it runs out of memory at task224)."""
     for r in results:
-        ref_path, path = grads_dir / f"{r['task']}.today.pt", grads_dir / f"{r['task']}.{r['variant']}.pt"
-        if r["variant"] != "today" and ref_path.exists() and path.exists():
-            ref, got = torch.load(ref_path), torch.load(path)
-            r["grad_rel_diff_vs_today"] = ((got - ref).abs().max() / ref.abs().max()).item()
-        today = next((x for x in results if x["task"] == r["task"] and x["variant"] == "today"), None)
-        if today and "seconds" in today and "seconds" in r and r is not today:
-            r["speedup_vs_today"] = r["tokens_per_s"] / today["tokens_per_s"]
-            r["peak_ratio_vs_today"] = r["peak_bytes"] / today["peak_bytes"]
-            r["step_peak_ratio_vs_today"] = r["step_peak_bytes"] / today["step_peak_bytes"]
+        same_task = [x for x in results if x["task"] == r["task"]]
+        ref = next((x for x in same_task if x["variant"] == "today"), same_task[0])
+        r["reference"] = ref["variant"]
+        ref_path, path = grads_dir / f"{r['task']}.{ref['variant']}.pt", grads_dir / f"{r['task']}.{r['variant']}.pt"
+        if r is not ref and ref_path.exists() and path.exists():
+            got, expected = torch.load(path), torch.load(ref_path)
+            r["grad_rel_diff_vs_today"] = ((got - expected).abs().max() / expected.abs().max()).item()
+        if "seconds" in ref and "seconds" in r and r is not ref:
+            r["speedup_vs_today"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            r["peak_ratio_vs_today"] = r["peak_bytes"] / ref["peak_bytes"]
+            r["step_peak_ratio_vs_today"] = r["step_peak_bytes"] / ref["step_peak_bytes"]
     return results
 
 
@@ -253,35 +305,73 @@ def write_markdown(result: dict, out: Path) -> str:
           "tokens (padding excluded) per second of process CPU time on CPU (one thread: the work, not the waits of "
           "a shared machine; wall seconds in the JSON), of wall time on a GPU. Peak = process peak (CPU: max RSS; GPU: max allocated); step = peak minus the "
           "memory held once the model is loaded.", "",
-          "| task | variant | layout | micro-batches | forward tokens / real | s | tokens/s | x today | peak GB | "
-          "step GB | step x today | grad rel diff |", "|" + "---|" * 12]
+          "x ref and the gradient difference compare with today's path, or without it with the task's first variant; "
+          "est GB: tasks.memory_plan's estimate of the peak.", "",
+          "| task | variant | budget | layout | micro-batches | forward tokens / real | s | tokens/s | TF/s eff | x ref "
+          "| peak GB | est GB | step GB | step x ref | grad rel diff |", "|" + "---|" * 15]
     for r in result["results"]:
         if "oom" in r or "failed" in r:
             what = "out of memory" if "oom" in r else r["failed"]
-            md.append(f"| {r['task']} | {r['variant']} | | {r['micro_batches']} | | {what} | | | | | | |")
+            md.append(f"| {r['task']} | {r['variant']} | {r.get('budget', '')} | | {r['micro_batches']} | | {what} "
+                      f"| | | | | {gb_or_blank(r.get('estimated_peak_bytes'))} | | | |")
             continue
-        today = r["variant"] == "today"  # its own row: 1 and 0; a variant without a today to compare with: -
+        today = r["variant"] == r.get("reference", "today")  # its own row: 1 and 0; nothing to compare with: -
 
         def vs(key, fmt):
             return format(r[key], fmt) if key in r else ("1.00" if today else "-")
-        md.append(f"| {r['task']} | {r['variant']} | {r['layout']} | {r['micro_batches']} | "
+        md.append(f"| {r['task']} | {r['variant']} | {r.get('budget', '')} | {r['layout']} | {r['micro_batches']} | "
                   f"{r['forward_tokens'] / r['real_tokens']:.2f} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
-                  f"{vs('speedup_vs_today', '.2f')} | {r['peak_bytes'] / gb:.2f} | {r['step_peak_bytes'] / gb:.2f} | "
+                  f"{r.get('tf_per_s_effective', 0):.3g} | {vs('speedup_vs_today', '.2f')} | "
+                  f"{r['peak_bytes'] / gb:.2f} | {gb_or_blank(r.get('estimated_peak_bytes'))} | "
+                  f"{r['step_peak_bytes'] / gb:.2f} | "
                   f"{vs('step_peak_ratio_vs_today', '.2f')} | "
                   f"{'0' if today else vs('grad_rel_diff_vs_today', '.1e')} |")
     text = "\n".join(md) + "\n"
     out.with_suffix(".md").write_text(text)
+    write_csv(result, out.with_suffix(".csv"))
     return text
+
+
+def gb_or_blank(value) -> str:
+    return f"{value / 1e9:.2f}" if value else ""
+
+
+CSV_FIELDS = ("task", "variant", "budget", "layout", "micro_batches", "seconds", "tokens_per_s", "tf_per_s_effective",
+              "peak_bytes", "estimated_peak_bytes", "step_peak_bytes", "grad_rel_diff_vs_today", "reference", "oom",
+              "failed")
+
+
+def write_csv(result: dict, path: Path):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["device", *CSV_FIELDS], extrasaction="ignore")
+        w.writeheader()
+        for r in result["results"]:
+            w.writerow({"device": result["device"], **r})
+
+
+def headline(results: list[dict]) -> str:
+    done = [r for r in results if "tokens_per_s" in r]
+    if not done:
+        return "HEADLINE: training: no variant finished"
+    best = max(done, key=lambda r: r["tf_per_s_effective"])
+    return (f"HEADLINE: training best {best['variant']} on {best['task'][:8]}: "
+            f"{best['tokens_per_s']:.0f} tok/s, {best['tf_per_s_effective']:.3g} TF/s effective, peak "
+            f"{best['peak_bytes'] / 1e9:.1f} GB (est {gb_or_blank(best.get('estimated_peak_bytes'))}); "
+            f"{sum('oom' in r for r in results)} out of memory, {sum('failed' in r for r in results)} failed")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct (fp32)")
     p.add_argument("--qwen3-8b", action="store_true", help="a Qwen3-8B-shaped model, random weights, bf16, on CUDA")
+    p.add_argument("--arch", default=None, help="a bench/random_model.py architecture (random weights; bf16 on CUDA, "
+                                                 "else fp32 on CPU), e.g. tiny for a dry run")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "superni"))
-    p.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x],
-                   default=["task224_scruples_anecdotes_ethical_judgment", "sentiment"],
-                   help="SuperNI tasks (task...) of --data-dir and built-in tasks")
+    p.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="SuperNI tasks (task...) of --data-dir and built-in tasks (default: task224 and sentiment, "
+                        "or every task of --profiles)")
     p.add_argument("--sequences", type=int, default=64, help="global batch (the paper: 64)")
     p.add_argument("--max-length", type=int, default=512, help="paper: 1664 (1536 + 128)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096, help="ours: tokens per forward")
@@ -300,14 +390,17 @@ def main():
     out = Path(args.out or ROOT / "bench" / "results" / f"training_{kind}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.profiles is None:
+        args.tasks = args.tasks or ["task224_scruples_anecdotes_ethical_judgment", "sentiment"]
         args.profiles = str(out.with_name(out.name + "_profiles.json"))
         Path(args.profiles).write_text(json.dumps(build_profiles(args)) + "\n")
-    args.tasks = list(json.loads(Path(args.profiles).read_text()))
+    profiled = list(json.loads(Path(args.profiles).read_text()))
+    args.tasks = [t for t in profiled if not args.tasks or t in args.tasks]
     grads_dir = Path(args.grads_dir or tempfile.mkdtemp(prefix="bench_training_grads_"))
     command = [sys.executable, __file__, "--worker", "--profiles", args.profiles, "--grads-dir", str(grads_dir),
                "--max-length", str(args.max_length), "--micro-batch-tokens", str(args.micro_batch_tokens),
                "--threads", str(args.threads)] + (["--qwen3-8b"] if args.qwen3_8b else []) + \
-        (["--model", args.model] if args.model else []) + (["--warmup"] if args.warmup else [])
+        (["--model", args.model] if args.model else []) + (["--warmup"] if args.warmup else []) + \
+        (["--arch", args.arch] if args.arch else [])
     # One task at a time, its variants side by side (each in its own process unless --in-process); the files are
     # rewritten after each, so an interrupted run keeps what it measured.
     jobs = [(args.tasks, args.variants)] if args.in_process else [([t], [v]) for t in args.tasks for v in args.variants]
@@ -324,12 +417,14 @@ def main():
             print(json.dumps(line), flush=True)
         results += lines
         result = {"device": device_name(args), "model": "Qwen3-8B-shaped, random weights, bf16" if args.qwen3_8b
+                  else f"{args.arch}-shaped, random weights" if args.arch
                   else (args.model or "SmolLM2-135M-Instruct fp32"), "sequences": args.sequences,
                   "max_length": args.max_length, "micro_batch_tokens": args.micro_batch_tokens,
                   "torch": torch.__version__, "results": compare(results, grads_dir)}
         out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
         text = write_markdown(result, out)
     print(text)
+    print(headline(results))
 
 
 if __name__ == "__main__":

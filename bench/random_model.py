@@ -30,6 +30,10 @@ ARCHS = {
                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                tie_word_embeddings=False)),
+    # Not a real model: the Qwen3 layer structure at toy sizes, for the GPU suite's CPU dry run.
+    "tiny": ("qwen3", dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                           rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
 
 

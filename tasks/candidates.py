@@ -37,6 +37,17 @@ def candidate_problem(task: Task, text: str) -> str | None:
     return None
 
 
+# The validity filters a generated paraphrase passes, named by the start of their rejection message (here and in
+# tasks.paraphrases.parse_paraphrase); paraphrases.json counts the rejections of each.
+REJECTION_FILTERS = {"has no <START>": "no_tags", "is empty": "empty", "mentions paraphrasing": "mentions_paraphrasing",
+                     "has ": "length", "drops the label word": "label_words", "is a duplicate": "duplicate"}
+
+
+def rejection_filter(problem: str) -> str:
+    """The name of the filter a rejection message comes from (REJECTION_FILTERS; "other" for none)."""
+    return next((name for start, name in REJECTION_FILTERS.items() if problem.startswith(start)), "other")
+
+
 def validate_candidates(task: Task, candidates: list[str], where: str = "candidates") -> list[str]:
     """Check a user-given pool; the original instruction is put first (added if absent). One-line error if invalid."""
     pool = [task.instruction]

@@ -76,6 +76,8 @@ class Task:
         header = [self.name, self.instruction, self.suffix, list(self.label_words)]
         if self.input_label != DEFAULT_INPUT_LABEL:  # only then: the hashes of tasks that predate the field stay
             header.append(self.input_label)
+        if len(self.suffix) < 2:  # its prompts changed with the authors' suffix rule (prompts.suffix_separator)
+            header.append("suffix-separator-v2")
         h.update(json.dumps(header).encode())
         for split in SPLITS:
             for inst in getattr(self, split):

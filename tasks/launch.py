@@ -73,12 +73,12 @@ class TrainingRecipe:
     max_grad_norm: float
     schedule: str  # train_sapo's --schedule
     micro_batch_size: int  # sequences per forward without a token budget (DeepSpeed's nominal micro-batch size)
-    dtype: str = "auto"  # --dtype of the base weights (resolved once the device is known)
     method: str = "lora-inc"  # train_sapo's --method (O-LoRA reads the LoRA weights outside a forward)
 
 
 def _is_true(value) -> bool:
-    return str(value).lower() == "true"
+    """accelerate's and DeepSpeed's spellings of true (accelerate's str_to_bool also takes 1 / yes / on)."""
+    return str(value).strip().lower() in ("true", "1", "yes", "y", "on")
 
 
 def _number(value):
@@ -334,7 +334,8 @@ def accelerator_kwargs(launch: Launch) -> dict:
     DeepSpeed for its default backend and each process counts itself alone (one process of 1)."""
     import torch
 
-    if launch.engine != "deepspeed" or torch.cuda.is_available():
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1  # by accelerate launch / torchrun: a process group
+    if launch.engine != "deepspeed" or torch.cuda.is_available() or not launched:
         return {}
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -347,13 +348,12 @@ def check_accelerator(accelerator, script: str, training: TrainingRecipe | None 
     """The Accelerator's own view of the launch, refused like the environment's (the JSON has been merged with the
     launcher's flags and --mixed_precision by now); then, for training, DeepSpeed's fixed values written in."""
     launch = launch_of(accelerator)
-    asked = read_launch().engine
-    if asked != "ddp" and launch.engine != asked:  # seen here: it would run unsharded DDP without a word
-        built = accelerator.distributed_type.value
-        why = ("accelerate 1.15 builds FSDP only with a GPU; ACCELERATE_USE_CPU=1 turns it into DDP" if asked == "fsdp"
-               else "ACCELERATE_USE_CPU=1 turns it into DDP; without a GPU leave it unset")
-        raise SapoError(f"{script}: {'FSDP' if asked == 'fsdp' else 'DeepSpeed'} was asked for, but accelerate built "
-                        f"a {built} launch ({why})")
+    asked = read_launch()
+    if asked.engine != launch.engine:  # e.g. --use_deepspeed with ACCELERATE_USE_CPU=1: accelerate quietly builds DDP
+        hint = " (ACCELERATE_USE_CPU=1 makes accelerate skip DeepSpeed: unset it; without a GPU the scripts run " \
+               "DeepSpeed on its CPU accelerator)" if _is_true(os.environ.get("ACCELERATE_USE_CPU", "")) else ""
+        raise SapoError(f"{script}: the launch asks for {asked.engine} but accelerate built a "
+                        f"{accelerator.distributed_type.value} one{hint}")
     refuse_unsupported(launch, script, training)
     if launch.engine != "deepspeed" or training is None:
         return launch

@@ -25,6 +25,7 @@ class PoolSource:
     paraphrase_api: str | None = None  # an OpenAI-compatible chat endpoint for generate
     temperature: float = 0.6
     seed: int = 0
+    meta_prompt: str | None = None  # a file with the request for a rewrite (tasks.paraphrases); None = built-in
 
     def check(self):
         """Flag combinations that cannot work, before anything is loaded."""
@@ -36,6 +37,12 @@ class PoolSource:
             raise SapoError(f"--max-candidates must be >= 1, got {self.max_candidates}")
         if self.paraphrase_api and not self.paraphraser:
             raise SapoError("--paraphrase-api needs --paraphraser MODEL_NAME (the API's model)")
+        if self.meta_prompt:
+            if not self.generate:
+                raise SapoError("--meta-prompt is the request for generated paraphrases: it needs --generate K")
+            from tasks.paraphrases import read_meta_prompt
+
+            read_meta_prompt(self.meta_prompt)  # a bad file fails now, before any model loads
 
     def check_task(self, task: Task):
         """A pool that does not need a model is built now, so a bad file or pool fails before any model loads."""
@@ -58,7 +65,7 @@ class PoolSource:
 
 def generated_on_main(task, source: PoolSource, accelerator, model, tokenizer, state_id, cache_path) -> list[str]:
     """`source.generate` valid paraphrases, sampled on the main process and broadcast to every process."""
-    from tasks.paraphrases import generate_paraphrases
+    from tasks.paraphrases import generate_paraphrases, read_meta_prompt
     from tasks.sharding import lockstep
 
     if not source.paraphrase_api and model is not None and lockstep(model):  # every process refuses alike
@@ -79,9 +86,11 @@ def generated_on_main(task, source: PoolSource, accelerator, model, tokenizer, s
         else:
             gen_model, gen_tok, who = model, tokenizer, "scored:" + state_id
         try:
+            custom = read_meta_prompt(source.meta_prompt) if source.meta_prompt else None
             found = [generate_paraphrases(task, source.generate, gen_model, gen_tok, temperature=source.temperature,
                                           seed=source.seed, cache_path=cache_path, api_url=source.paraphrase_api,
-                                          api_model=source.paraphraser, paraphraser_id=who)]
+                                          api_model=source.paraphraser, paraphraser_id=who,
+                                          custom_meta_prompt=custom)]
         except SapoError as e:  # the other processes must stop with the same one-line error
             found = [str(e)]
     if accelerator is not None and accelerator.num_processes > 1:

@@ -24,6 +24,12 @@ import torch
 from tasks.errors import SapoError
 
 IGNORE_INDEX = -100
+# The authors' length limits (their --max_source_length 1536 --max_target_length 128), shared by every script: a
+# generation prompt holds at most MAX_SOURCE_LENGTH tokens, a trained or scored example (prompt + answer) at most
+# MAX_LENGTH; longer ones have their input text shortened.
+MAX_SOURCE_LENGTH = 1536
+MAX_TARGET_LENGTH = 128
+MAX_LENGTH = MAX_SOURCE_LENGTH + MAX_TARGET_LENGTH
 DEFAULT_INPUT_LABEL = "Text:"
 CHINESE_INPUT_LABEL = "文本:"
 HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs (extension A, unified, compatibility)
@@ -35,11 +41,18 @@ def input_label_for(instruction: str) -> str:
     return CHINESE_INPUT_LABEL if _HAN_RE.search(instruction) else DEFAULT_INPUT_LABEL
 
 
+def suffix_separator(suffix: str) -> str:
+    """What goes between the input and the suffix: the authors' slice rule "\\n\\n"[:len(suffix)] (their
+    uie_dataset.py), i.e. nothing before an empty suffix (the message ends with the input), one newline before a
+    one-character suffix, a blank line before any longer one."""
+    return "\n\n"[:len(suffix)]
+
+
 def user_message(instruction: str, input_text: str, suffix: str, *, input_label: str = DEFAULT_INPUT_LABEL) -> str:
     """`{instruction}\\n\\n{input_label}\\n{input}\\n\\n{suffix}`; without the leading instruction block when the
-    instruction is empty."""
+    instruction is empty; an empty or one-character suffix is joined by the authors' rule (suffix_separator)."""
     head = instruction + "\n\n" if instruction else ""
-    return head + input_label + "\n" + input_text + "\n\n" + suffix
+    return head + input_label + "\n" + input_text + suffix_separator(suffix) + suffix
 
 
 def render_chat(tokenizer, messages, add_generation_prompt):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tasks.attention import FLEX_ATTENTION, document_block_mask
 from tasks.packing import attention_mask, scoring_setup
 from tasks.train_batches import TrainingBatch
 
@@ -37,6 +38,8 @@ def training_layout(model) -> str:
         return "padded"
     if "flash" in impl:  # flash_attention_2/3, or a hub kernel such as kernels-community/flash-attn2
         return "varlen"
+    if impl == FLEX_ATTENTION:  # ours: packed rows, the mask as a BlockMask (tasks.attention)
+        return "packed"
     return "packed" if impl in ("sdpa", "eager") else "padded"
 
 
@@ -68,7 +71,11 @@ class SupervisedNLL(torch.nn.Module):
         setup = scoring_setup(net)  # attention kind, sliding windows, the LM head and its scale/softcap
         backbone = getattr(net, net.base_model_prefix)
         kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
-        if self.layout == "packed":
+        if self.layout == "packed" and setup.impl == FLEX_ATTENTION:
+            if any(setup.windows.values()):
+                raise ValueError("flex attention (tasks.attention) takes no sliding windows")
+            kwargs["attention_mask"] = document_block_mask(batch.segment_ids)
+        elif self.layout == "packed":
             masks = {name: attention_mask(batch.segment_ids, batch.position_ids, w, setup.impl, setup.weight.dtype)
                      for name, w in setup.windows.items()}
             kwargs["attention_mask"] = masks["all"] if "all" in masks else masks

@@ -67,6 +67,9 @@ def test_topology_is_read_from_the_deepspeed_json_the_environment_names(tmp_path
     # ZeRO-3 given only in the JSON (no ACCELERATE_DEEPSPEED_ZERO_STAGE): seen, refused in one line naming the file.
     with pytest.raises(SapoError, match=r"does not support DeepSpeed ZeRO-3 \(zero_optimization.stage 3 in .*ds_con"):
         check_launch("x.py", deepspeed_env(tmp_path, stage3))
+    for stage in (0, 1, 2):  # ZeRO 0-2: accepted (tests/test_deepspeed.py trains ZeRO-2 against DDP)
+        config = {**AUTHORS_STAGE2, "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": stage}}
+        assert check_launch("x.py", deepspeed_env(tmp_path, config), RECIPE).zero_stage == stage
     # A JSON "auto" stage takes the launcher's --zero_stage; a JSON number wins over it (accelerate's precedence).
     auto_stage = {"zero_optimization": {"stage": "auto"}}
     assert read_launch(deepspeed_env(tmp_path, auto_stage, ACCELERATE_DEEPSPEED_ZERO_STAGE="3")).zero_stage == 3
@@ -208,10 +211,10 @@ def test_real_two_process_fsdp_launch_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("engine,says", [(["--use_fsdp", "--fsdp_version", "2"], "FSDP"),
-                                         (["--use_deepspeed", "--zero_stage", "3"], "DeepSpeed")])
+@pytest.mark.parametrize("engine,says", [(["--use_fsdp", "--fsdp_version", "2"], "fsdp"),
+                                         (["--use_deepspeed", "--zero_stage", "3"], "deepspeed")])
 def test_real_two_process_sharded_launch_built_as_ddp_on_cpu_is_refused(engine, says, tmp_path):
-    if says == "DeepSpeed":
+    if says == "deepspeed":
         pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
     # evaluate.py accepts FSDP2 and ZeRO-3 from the environment; with ACCELERATE_USE_CPU=1 accelerate then builds a
     # DDP Accelerator (seen: MULTI_CPU), which would run unsharded: refused once built, before any model loads.
@@ -229,5 +232,34 @@ def test_real_two_process_sharded_launch_built_as_ddp_on_cpu_is_refused(engine, 
                           capture_output=True, text=True, cwd=root, env=env, timeout=300)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0
-    assert ours and all(f"evaluate.py: {says} was asked for, but accelerate built a MULTI_CPU launch" in line
+    assert ours and all(f"evaluate.py: the launch asks for {says} but accelerate built a MULTI_CPU one" in line
                         for line in ours), proc.stderr[-2000:]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_deepspeed_launch_that_accelerate_quietly_builds_as_ddp_is_refused(tmp_path, monkeypatch, capsys):
+    # ACCELERATE_USE_CPU=1 with --use_deepspeed: accelerate skips DeepSpeed and builds a plain launch. The check
+    # compares what the launch asked for with what the built Accelerator is, before any model loads.
+    for key, value in {**deepspeed_env(tmp_path, None), "ACCELERATE_USE_CPU": "1", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as e:
+        train_sapo.main(["--model", "/nonexistent/model", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "asks for deepspeed but accelerate built a NO one (ACCELERATE_USE_CPU=1 makes accelerate skip" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_is_resumed_only_by_the_kind_of_launch_that_wrote_it(tmp_path):
+    deepspeed_checkpoint = tmp_path / "ds" / "checkpoint"
+    (deepspeed_checkpoint / "pytorch_model").mkdir(parents=True)  # DeepSpeed's engine checkpoint (per process)
+    plain_checkpoint = tmp_path / "ddp" / "checkpoint"
+    plain_checkpoint.mkdir(parents=True)
+    (plain_checkpoint / "model.safetensors").write_bytes(b"")
+    train_sapo.check_checkpoint_format(deepspeed_checkpoint, True, "1-sentiment")
+    train_sapo.check_checkpoint_format(plain_checkpoint, False, "1-sentiment")
+    with pytest.raises(SapoError, match=f"{deepspeed_checkpoint} was written by a DeepSpeed launch: resume with the "
+                                        "same launch, or delete it to train 1-sentiment again"):
+        train_sapo.check_checkpoint_format(deepspeed_checkpoint, False, "1-sentiment")
+    with pytest.raises(SapoError, match="was written by a non-DeepSpeed launch"):
+        train_sapo.check_checkpoint_format(plain_checkpoint, True, "1-sentiment")

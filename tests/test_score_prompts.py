@@ -266,6 +266,134 @@ def test_generate_paraphrases_dedups_retries_and_caches(tmp_path, monkeypatch):
     assert paraphrases.generate_paraphrases(task, 3, None, None, cache_path=str(cache), paraphraser_id="fake") == got
 
 
+CSTANCE = "判断以下文本对{对象}的态度，选择一项：A.支持，B.反对，C.中立。输出A，B或者C。"  # braces in the instruction too
+
+
+def chinese_task() -> Task:
+    return Task("C-STANCE", CSTANCE, "直接只回答A 或者 B 或者 C作为你的答案。", ("A", "B", "C"),
+                train=[Instance("我支持\n对象：\n观点", "A")])
+
+
+def test_meta_prompt_file_with_braces_and_cjk_is_filled_literally(tmp_path, monkeypatch):
+    """--meta-prompt FILE: braces of the file and of the instruction stay as they are ({0}, {}, {"k": 1}, a second
+    "{instruction}" inside the instruction), CJK text is kept, the instruction goes in once, the label words once; the
+    replies' rejections are counted per filter in paraphrases.json."""
+    task = chinese_task()
+    task = dataclasses.replace(task, instruction=CSTANCE + " {instruction} {label_words} {0}")
+    path = tmp_path / "元提示 {x}.txt"  # braces and CJK in the path as well
+    template = ('请改写下面的指令，{0} 和 {} 以及 {"k": 1} 原样保留。\n\n<<{instruction}>>\n\n'
+                '保留标签：{label_words}。答案放在 <START> 和 </START> 之间。')
+    path.write_text(template, encoding="utf-8")
+    custom = paraphrases.read_meta_prompt(path)
+    expected = ('请改写下面的指令，{0} 和 {} 以及 {"k": 1} 原样保留。\n\n<<' + task.instruction + '>>\n\n'
+                '保留标签："A", "B", "C"。答案放在 <START> 和 </START> 之间。')
+    assert paraphrases.meta_prompt(task, custom) == expected  # by hand: the placeholders replaced, nothing else
+    assert custom.source == str(path)
+
+    good = ["请判断这段文本对{对象}的立场：A.支持，B.反对，C.中立。只输出A，B或者C。 {instruction} {label_words} {0}",
+            "阅读文本，判断其对{对象}的态度并作答：A.支持，B.反对，C.中立，输出A，B或者C。 {instruction} {0}"]
+    replies = iter([["无标签的回答",  # no <START>...</START>
+                     "<START>改写后：判断文本对{对象}的态度，A.支持，B.反对，C.中立，输出A，B或者C。</START>",  # mentions it
+                     "<START>判断态度：支持、反对或中立。请直接作答，不要解释原因，谢谢配合。</START>",  # drops A, B, C
+                     "<START>短</START>",  # too short
+                     "<START>" + good[0] + "</START>"],
+                    ["<START>" + good[0] + "</START>",  # duplicate
+                     "<START>" + good[1] + "</START>"]])
+    prompts = []
+
+    def fake_sample(model, tokenizer, prompt, n, temperature, seed):
+        prompts.append(prompt)
+        return next(replies)
+
+    monkeypatch.setattr(paraphrases, "sample_local", fake_sample)
+    cache = tmp_path / "paraphrases.json"
+    got = paraphrases.generate_paraphrases(task, 2, None, None, cache_path=str(cache), paraphraser_id="fake",
+                                           custom_meta_prompt=custom)
+    assert got == good and prompts == [expected, expected]
+    (entry,) = json.loads(cache.read_text(encoding="utf-8")).values()
+    assert entry["meta_prompt"] == str(path) and entry["replies"] == 7 and entry["paraphrases"] == good
+    assert entry["rejected"] == {"duplicate": 1, "label_words": 1, "length": 1, "mentions_paraphrasing": 1,
+                                 "no_tags": 1}
+    # Another meta-prompt is another cache entry: the built-in one does not reuse these paraphrases.
+    monkeypatch.setattr(paraphrases, "sample_local", lambda *a, **k: ["<START>" + good[1] + "</START>"] * 2)
+    with pytest.raises(SapoError, match="gave 1 valid of 2"):
+        paraphrases.generate_paraphrases(task, 2, None, None, cache_path=str(cache), paraphraser_id="fake", max_tries=1)
+    entries = json.loads(cache.read_text(encoding="utf-8"))
+    failed = next(e for e in entries.values() if e["meta_prompt"] == "built-in Chinese")
+    assert failed["rejected"] == {"duplicate": 1} and failed["replies"] == 2  # a failure records why
+
+
+def test_pool_source_sends_the_meta_prompt_file_to_the_paraphraser(tmp_path, monkeypatch):
+    """The flag's path through tasks.pools: PoolSource(meta_prompt=FILE).build asks with the file's request."""
+    from tasks.pools import PoolSource
+
+    path = tmp_path / "meta.txt"
+    path.write_text("改写 {instruction}，保留 {label_words}。用 <START>...</START> 包住。", encoding="utf-8")
+    task = chinese_task()
+    asked = []
+    rewrite = "请判断这段文本对{对象}的立场：A.支持，B.反对，C.中立。只输出A，B或者C。"
+
+    def fake_sample(model, tokenizer, prompt, n, temperature, seed):
+        asked.append(prompt)
+        return ["<START>" + rewrite + "</START>"] * n
+
+    monkeypatch.setattr(paraphrases, "sample_local", fake_sample)
+    source = PoolSource(generate=1, meta_prompt=str(path))
+    source.check()
+    pool = source.build(task, model=None, tokenizer=None, state_id="s", cache_path=tmp_path / "paraphrases.json")
+    assert pool == [task.instruction, rewrite]
+    assert asked == ["改写 " + CSTANCE + '，保留 "A", "B", "C"。用 <START>...</START> 包住。']
+
+
+def test_builtin_meta_prompt_follows_the_task_language():
+    chinese, english = chinese_task(), make_task()
+    zh = paraphrases.meta_prompt(chinese)
+    assert zh.startswith("下面是交给助手的一个任务的指令：\n\n" + CSTANCE + "\n\n请用中文另写一条指令")
+    assert '必须原样保留这些标签词，拼写和大小写完全一致："A", "B", "C"。' in zh and zh.count("<START>") == 1
+    en = paraphrases.meta_prompt(english)
+    assert en.startswith("Here is the instruction of a task given to an assistant:\n\n" + INSTRUCTION + "\n\n")
+    assert 'lower case: "positive", "negative". Do not add examples' in en
+    no_labels = paraphrases.meta_prompt(Task("t", "概括下面的会议记录。"))
+    assert "标签词" not in no_labels and "概括下面的会议记录。" in no_labels
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Rewrite it. <START></START>", "exactly once"),
+    ("{instruction} and {instruction} <START></START>", "exactly once"),
+    ("{instruction} {label_words} {label_words} <START></START>", "more than once"),
+    ("{instruction} in brackets please", "<START> and </START>"),
+])
+def test_meta_prompt_file_errors_name_the_file(tmp_path, text, message):
+    path = tmp_path / "meta.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SapoError, match=message) as info:
+        paraphrases.read_meta_prompt(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SapoError, match="not found"):
+        paraphrases.read_meta_prompt(tmp_path / "missing.txt")
+
+
+def test_max_length_default_is_the_training_limit():
+    """score_prompts scores what train_sapo trains and scores: prompt limit + answer limit, 1536 + 128 tokens."""
+    import train_sapo
+
+    config = train_sapo.Config()
+    assert sp.parse_args(["--task", "sentiment"]).max_length == config.max_source_length + config.max_target_length \
+        == 1536 + 128
+
+
+def test_meta_prompt_flag_is_checked_before_any_model_loads(tmp_path, capsys):
+    bad = tmp_path / "meta.txt"
+    bad.write_text("no placeholder", encoding="utf-8")
+    for argv in (["--task", "sentiment", "--generate", "2", "--meta-prompt", str(bad)],
+                 ["--task", "sentiment", "--meta-prompt", str(bad)]):
+        with pytest.raises(SystemExit) as info:
+            sp.main(argv)
+        assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "{instruction} exactly once" in err[0] and "needs --generate K" in err[1]
+
+
 def test_generate_paraphrases_on_a_tiny_model_rejects_garbage():
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), arch="qwen3")

@@ -25,6 +25,28 @@ def test_user_message_is_plain_concatenation():
     assert user_message("Say {x} and {}.", "in {0}", "Answer:") == "Say {x} and {}.\n\nText:\nin {0}\n\nAnswer:"
 
 
+def test_short_suffixes_are_joined_by_the_authors_slice_rule():
+    """The authors' uie_dataset.py joins input and suffix with "\\n\\n"[:len(suffix)]: nothing before an empty suffix,
+    one newline before a one-character one, a blank line before a longer one."""
+    assert user_message("Do it.", "in", "") == "Do it.\n\nText:\nin"
+    assert user_message("Do it.", "in", "?") == "Do it.\n\nText:\nin\n?"
+    assert user_message("Do it.", "in", "A:") == "Do it.\n\nText:\nin\n\nA:"
+    assert user_message("", "in", "") == "Text:\nin"  # empty instruction and suffix: the input label and the input
+    tok = tiny_tokenizer()
+    chat = tok.decode(encode_prompt(tok, "Do it.", "in", ""))
+    assert chat.startswith("<|im_start|>user\nDo it.\n\nText:\nin<|im_end|>")
+    # The prompts of such tasks changed, so their content hash did: a run or a score cache made before does not reuse
+    # them. The hash of a task with a longer suffix is what it was (header [name, instruction, suffix, labels]).
+    import hashlib
+
+    def old_hash(*header):
+        return hashlib.sha256(json.dumps(list(header)).encode()).hexdigest()[:16]
+
+    assert Task("t", "Say it.", "").content_hash() != old_hash("t", "Say it.", "", [])
+    assert Task("t", "Say it.", "?").content_hash() != old_hash("t", "Say it.", "?", [])
+    assert Task("t", "Say it.", "A:").content_hash() == old_hash("t", "Say it.", "A:", [])
+
+
 def test_encode_example_matches_hand_written_chat_text_and_mask():
     tok = tiny_tokenizer()
     enc = encode_example(tok, "Classify {it}.", "the movie was great", "Answer positive or negative.", "positive")
