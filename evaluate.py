@@ -78,6 +78,7 @@ from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.loaders import strict_json, write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
     render_response
+from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
 from tasks.trace_metrics import trace_metric, trace_score
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
@@ -151,19 +152,31 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
     plan = plan_batches([len(p) for p in prompts], max_new_tokens, token_budget=token_budget,
                         max_sequences=batch_size)
     my_batches = plan.batches[accelerator.process_index::accelerator.num_processes]
+    # Sharded (FSDP2 / ZeRO-3, tasks/sharding.py): every forward gathers weights collectively, so every process runs
+    # as many generate calls (a discarded batch beyond its own), each with HF's synced_gpus (a process that is done
+    # steps on until every one is), and the adapters unfolded (the fold reads the LoRA weights directly).
+    sharded = lockstep(net)
+    rounds = math.ceil(len(plan.batches) / accelerator.num_processes) if sharded else len(my_batches)
 
     was_training = net.training
     net.eval()
     mine = []  # (instance index, answer)
     try:
-        with folded_adapter(net) if fold else contextlib.nullcontext():
-            bar = tqdm(my_batches, desc=f"generate {task.name}", disable=not (progress and accelerator.is_main_process))
-            for batch in bar:
+        with folded_adapter(net) if fold and not sharded else contextlib.nullcontext():
+            bar = tqdm(range(rounds), desc=f"generate {task.name}",
+                       disable=not (progress and accelerator.is_main_process))
+            for r in bar:
+                batch = my_batches[r] if r < len(my_batches) else plan.batches[-1]
                 batch_prompts = [prompts[i] for i in batch]
-                if static:
+                if sharded:
+                    with weights_for_forward(net):
+                        rows = hf_generate(net, batch_prompts, pad_id, stops, max_new_tokens, synced_gpus=True)
+                elif static:
                     rows = hf_generate(net, batch_prompts, pad_id, stops, max_new_tokens, static=True, compile=True)
                 else:
                     rows = greedy_decode(net, batch_prompts, pad_id, stops, max_new_tokens)
+                if r >= len(my_batches):  # the discarded batch
+                    continue
                 for i, row in zip(batch, rows):  # drop the stop token (+ padding)
                     mine.append((i, tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True).strip()))
     finally:
@@ -629,6 +642,7 @@ def run_main(args):
     model = None
     if engine is None:
         model = load_model(args.model, dtype=resolve_dtype(args.dtype, accelerator.device)).to(accelerator.device)
+        model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
     # Served: predictions are staged outside the output directory and moved there only when every task has its
     # answers, so a server failing half-way writes nothing.
     staging = Path(tempfile.mkdtemp(prefix="sapo-served-")) if engine is not None and args.output_dir else None

@@ -51,6 +51,7 @@ from tasks.prompts import MAX_LENGTH, encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import model_state_id, read_score_cache, score_key
+from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
@@ -210,6 +211,7 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
 
     # 2. Encode every (candidate, instance) sequence and plan the batches globally (every process does the same
     #    deterministic work: the plan needs every length).
+    sharded = lockstep(model)  # FSDP2 / ZeRO-3 (tasks/sharding.py)
     setup = packing.scoring_setup(model)
     encoded, where = [], []  # global sequence id -> Encoded, (candidate, instance)
     lengths, prefixes = {}, {}
@@ -234,7 +236,9 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
     model.eval()
     bar = tqdm(total=len(batches), desc=f"scoring {task.name}", disable=not (progress and is_main), leave=False)
     try:
-        with torch.inference_mode():
+        # Sharded: no_grad, as FSDP2's unsharded buffers made under inference_mode refuse a later training step
+        with torch.no_grad() if sharded else torch.inference_mode(), weights_for_forward(model):
+            setup = packing.scoring_setup(model)  # FSDP2: the head as unsharded now
             for step in range(math.ceil(len(batches) / world)):
                 b = step * world + rank
                 mine = []
@@ -242,6 +246,8 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
                     tb = time.perf_counter()
                     out = packing.score_batch(model, setup, batches[b], encoded, pad_id)
                     mine = [(b, time.perf_counter() - tb, [(sid, s, n) for sid, (s, n) in out.items()])]
+                elif sharded:  # every process runs as many forwards (their gathers are collective): one discarded
+                    packing.score_batch(model, setup, batches[-1], encoded, pad_id)
                 gathered = gather_object(mine) if world > 1 else mine
                 finished = []
                 for gb, sec, items in sorted(gathered, key=lambda x: x[0]):
@@ -477,6 +483,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype).to(accelerator.device).eval()
     check_context(model, [("--max-length", args.max_length)], args.allow_beyond_context, args.model or "")
+    model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
     if len(instances) < args.instances:
         accelerator.print(f"note: task {task.name} has {len(instances)} {args.split} instances (< {args.instances})")
     paraphrase_cache = args.paraphrase_cache or (str(out_dir / "paraphrases.json") if out_dir else None)

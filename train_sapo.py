@@ -45,6 +45,7 @@ from tasks.pools import PoolSource
 from tasks.records import from_record, read_record
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
 from tasks.score_cache import model_state_id
+from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
 from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
 from tasks.attention import ATTENTION_CHOICES, set_training_attention
@@ -216,7 +217,7 @@ def check_model_context(model, config: Config):
 def training_recipe(config: Config) -> TrainingRecipe:
     """What a DeepSpeed launch must agree with (tasks.launch)."""
     return TrainingRecipe(max_grad_norm=config.max_grad_norm, schedule=config.schedule,
-                          micro_batch_size=config.micro_batch_size)
+                          micro_batch_size=config.micro_batch_size, method=config.method)
 
 
 def check_batch_split(config: Config, world: int):
@@ -526,17 +527,21 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     step_module = SupervisedNLL(peft_model, layout)
     tokens, width, head_rows = largest_micro_batch(
         [micro_batches(encoded, b, config, layout, 0, 1) for b in steps], encoded, steps)
-    estimate = estimate_training_memory(step_module, net, tokens, width, accelerator.device, head_rows)
-    checkpointing = choose_checkpointing(config.gradient_checkpointing, estimate)
-    accelerator.print(f"{estimate.describe()}: gradient checkpointing {'on' if checkpointing else 'off'} "
-                      f"(--gradient-checkpointing {config.gradient_checkpointing})")
+    if lockstep(net):  # sharded (tasks/sharding.py): one process's probe forward cannot run alone; auto = on
+        estimate, checkpointing = None, config.gradient_checkpointing != "off"
+    else:
+        estimate = estimate_training_memory(step_module, net, tokens, width, accelerator.device, head_rows)
+        checkpointing = choose_checkpointing(config.gradient_checkpointing, estimate)
+    accelerator.print(f"{estimate.describe() if estimate else 'sharded: no memory estimate'}: gradient "
+                      f"checkpointing {'on' if checkpointing else 'off'} (--gradient-checkpointing "
+                      f"{config.gradient_checkpointing})")
     if checkpointing:
         set_gradient_checkpointing(net, True)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     # The whole loss computation is one module, so that DDP (which only reduces gradients of a backward that follows
     # a forward through its wrapper) sees it.
-    model, optimizer = accelerator.prepare(step_module, optimizer)
+    model, optimizer = prepare_for_training(accelerator, step_module, optimizer, net)  # tasks/sharding.py
 
     checkpoint = task_dir / "checkpoint"
     log_path = task_dir / "train_log.jsonl"
@@ -626,14 +631,14 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         net.set_attn_implementation(attention_before)  # scoring and generation keep their own attention
     peak, peak_kind = peak_memory_reached(accelerator.device)
     accelerator.wait_for_everyone()
-    accelerator.free_memory()  # drop accelerate's references so the next task prepares a fresh wrapper
+    end_training(accelerator, net)  # accelerate's references dropped (ZeRO-3: inference hooks back on `net`)
     segment_reselect = (reselect.seconds - reselect_before) if reselect else 0.0
     return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
                                 seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
                                 reselection_seconds=reselect.seconds if reselect else 0.0,
                                 gradient_checkpointing="on" if checkpointing else "off",
-                                estimated_peak_bytes=estimate.peak(checkpointing), peak_memory_bytes=peak,
-                                peak_memory=peak_kind)
+                                estimated_peak_bytes=estimate.peak(checkpointing) if estimate else 0,
+                                peak_memory_bytes=peak, peak_memory=peak_kind)
 
 
 def check_checkpoint_format(checkpoint: Path, deepspeed: bool, task: str):
@@ -664,12 +669,13 @@ def check_checkpoint_keys(model, checkpoint: Path):
                         f"train_sapo.py?); delete {checkpoint} to train this task again from its start")
 
 
-def save_adapter(peft_model, name: str, adapter_dir: Path):
-    """Save one adapter so that stock `PeftModel.from_pretrained(base, adapter_dir)` loads it."""
+def save_adapter(peft_model, name: str, adapter_dir: Path, state_dict=None):
+    """Save one adapter so that stock `PeftModel.from_pretrained(base, adapter_dir)` loads it. Sharded weights:
+    pass their gathered tensors (tasks.sharding.adapter_state_dict)."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with writing(tmp):
-        peft_model.save_pretrained(str(tmp), selected_adapters=[name])
+        peft_model.save_pretrained(str(tmp), selected_adapters=[name], state_dict=state_dict)
     saved = tmp / name if (tmp / name / "adapter_config.json").exists() else tmp  # peft nests non-default names
     os.replace(saved, adapter_dir)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1003,8 +1009,10 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
             run.save(task_dir / "selection.json", chosen.to_json())
         # training.json first: an adapter on disk always has its record (a kill in between retrains the task).
         run.save(task_dir / "training.json", dataclasses.asdict(training))
+        # Sharded weights are gathered first, by every process (tasks/sharding.py)
+        weights = adapter_state_dict(state.peft_model, name) if lockstep(state.model) else None
         if accelerator.is_main_process:
-            save_adapter(state.peft_model, name, adapter_dir)
+            save_adapter(state.peft_model, name, adapter_dir, state_dict=weights)
         accelerator.wait_for_everyone()
     state.adapter_dirs = [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)]
     activate_adapters(state.peft_model, previous + [name], trainable=None)
@@ -1117,6 +1125,7 @@ def main(argv=None):
     # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
         accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
+    state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
     check_lora_targets(state.model, config.lora_targets)
     check_model_context(state.model, config)
     if config.fused_ops != "none":  # ours: for selection, training and generation alike

@@ -143,11 +143,12 @@ def greedy_decode(net, prompts: list[list[int]], pad_id: int, stops: list[int], 
 
 def hf_generate(net, prompts: list[list[int]], pad_id: int, stops: list[int], max_new_tokens: int, *,
                 static: bool = False, compile: bool = False, stats: DecodeStats | None = None,
-                answer_lengths: list[int] | None = None) -> list[list[int]]:
+                answer_lengths: list[int] | None = None, synced_gpus: bool = False) -> list[list[int]]:
     """HF generate (greedy) on one batch: every row runs until the batch's last sequence stops. static: the static
     KV cache (prompts left-padded to a multiple of STATIC_PAD_MULTIPLE so batches share shapes), with
     torch.compile of the decode step when `compile` (HF compiles it on CUDA only). answer_lengths: as in
-    greedy_decode (a row is done after that many tokens)."""
+    greedy_decode (a row is done after that many tokens). synced_gpus: HF's, for sharded weights (tasks/sharding.py):
+    every process steps until all are done."""
     import torch
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -166,7 +167,7 @@ def hf_generate(net, prompts: list[list[int]], pad_id: int, stops: list[int], ma
 
         criteria = StoppingCriteriaList([AnswerLength()])
     out = net.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                       stopping_criteria=criteria)
+                       stopping_criteria=criteria, synced_gpus=synced_gpus)
     rows = out[:, input_ids.shape[1]:].tolist()
     if stats is not None:
         stats.steps += len(rows[0]) if rows else 0

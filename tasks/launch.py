@@ -7,11 +7,12 @@ Two steps, so that what is supported can change in one place:
    into ACCELERATE_DEEPSPEED_CONFIG_FILE), and, once built, the Accelerator's own state (`launch_of`);
 2. refuse, in one line, whatever the scripts cannot honour (`refuse_unsupported`), before any model loads.
 
-Sharded launches (FSDP, DeepSpeed ZeRO-3) are refused by `refuse_sharded`: selection scoring and generation read
-every weight on every process (each process holds the full model, as under DDP). (Seen here: accelerate 1.15 does not
-construct an FSDP Accelerator without a GPU, "There are currently no available devices found"; with
-ACCELERATE_USE_CPU=1 and `--use_fsdp` it quietly builds a DDP one (MULTI_CPU). So FSDP is refused from the
-environment, before the Accelerator is built.)
+Sharded launches (DeepSpeed ZeRO-3, torch FSDP2) run where tasks/sharding.py makes scoring, training and
+generation work on the sharded model (SHARDED_SCRIPTS); `refuse_sharded` refuses the rest: FSDP version 1, FSDP for
+train_sapo.py (torch's fully_shard applies once per module, and every task adds a LoRA), probe_prompts.py, NVMe
+offload and O-LoRA under ZeRO-3. (Seen here: accelerate 1.15 does not construct an FSDP Accelerator without a GPU,
+"There are currently no available devices found"; with ACCELERATE_USE_CPU=1 and `--use_fsdp` it quietly builds a
+DDP one (MULTI_CPU), which `check_accelerator` refuses.)
 
 DeepSpeed ZeRO 0-2 train exactly what DDP trains: the script keeps its own accumulation (token-budget micro-batches
 vary in number), so DeepSpeed's gradient_accumulation_steps is 1 and `accelerator.sync_gradients` marks the last
@@ -72,6 +73,7 @@ class TrainingRecipe:
     max_grad_norm: float
     schedule: str  # train_sapo's --schedule
     micro_batch_size: int  # sequences per forward without a token budget (DeepSpeed's nominal micro-batch size)
+    method: str = "lora-inc"  # train_sapo's --method (O-LoRA reads the LoRA weights outside a forward)
 
 
 def _is_true(value) -> bool:
@@ -216,15 +218,35 @@ def launch_of(accelerator) -> Launch:
 # ----------------------------------------------------------------------------------------------------------------------
 # Refusals: one line each, before any model loads.
 
-def refuse_sharded(launch: Launch, script: str):
-    """FSDP and ZeRO-3 shard the parameters: selection scoring and generation would see only a shard."""
+# The scripts that run on a sharded model (tasks/sharding.py), per engine; tests/test_sharding.py runs them on 2 CPU
+# processes (FSDP2 through torch's fully_shard: accelerate builds no FSDP Accelerator without a GPU).
+SHARDED_SCRIPTS = {"zero3": ("train_sapo.py", "score_prompts.py", "evaluate.py"),
+                   "fsdp2": ("score_prompts.py", "evaluate.py")}
+
+
+def refuse_sharded(launch: Launch, script: str, training: TrainingRecipe | None = None):
+    """FSDP2 and ZeRO-3 in the scripts of SHARDED_SCRIPTS; everything else sharded refused in one line."""
     if launch.engine == "fsdp":
-        raise SapoError(f"{script} does not support FSDP: selection scoring and generation need the full weights "
-                        "on every process; launch with DDP (accelerate launch --multi_gpu) or DeepSpeed ZeRO 0-2")
+        if launch.fsdp_version != 2:
+            raise SapoError(f"{script} does not support FSDP version {launch.fsdp_version}: use torch FSDP2 "
+                            "(accelerate launch --use_fsdp --fsdp_version 2) or DeepSpeed ZeRO-3")
+        if script not in SHARDED_SCRIPTS["fsdp2"]:
+            raise SapoError(f"{script} does not support FSDP: torch's fully_shard applies once per module and every "
+                            "task adds a LoRA to the sharded model; use DeepSpeed ZeRO-3 (accelerate launch "
+                            "--use_deepspeed --zero_stage 3) or DDP (accelerate launch --multi_gpu)")
     if launch.engine == "deepspeed" and launch.zero_stage == 3:
         where = f" (zero_optimization.stage 3 in {launch.config_file})" if launch.config_file else ""
-        raise SapoError(f"{script} does not support DeepSpeed ZeRO-3{where}: selection scoring and generation need "
-                        "the full weights on every process; use ZeRO stage 0-2 or DDP (accelerate launch --multi_gpu)")
+        if script not in SHARDED_SCRIPTS["zero3"]:
+            raise SapoError(f"{script} does not support DeepSpeed ZeRO-3{where}: its passes need the full weights on "
+                            "every process; use ZeRO stage 0-2 or DDP (accelerate launch --multi_gpu)")
+        nvme = [part for part in ("offload_param", "offload_optimizer") if getattr(launch, part) == "nvme"]
+        if nvme:
+            raise SapoError(f"{script}: DeepSpeed ZeRO-3 with {' and '.join(nvme)} on NVMe{_where(launch)} is not "
+                            "supported (not tested); offload to the CPU (\"device\": \"cpu\") or not at all")
+        if training is not None and training.method == "o-lora":
+            raise SapoError(f"{script}: --method o-lora does not support DeepSpeed ZeRO-3{where}: its penalty reads "
+                            "every adapter's LoRA A matrices outside any forward, where ZeRO-3 holds them "
+                            "partitioned; use ZeRO stage 0-2 or DDP")
 
 
 def _where(launch: Launch) -> str:
@@ -247,7 +269,7 @@ def refuse_deepspeed(launch: Launch, script: str, training: TrainingRecipe | Non
         raise SapoError(f"{script}: the DeepSpeed \"bfloat16\" section{_where(launch)} is ignored under accelerate "
                         "(which sets \"bf16\" from --mixed_precision): rename it \"bf16\", or pass the same choice "
                         "as accelerate launch --mixed_precision")
-    if launch.offload_param != "none":
+    if launch.offload_param != "none" and launch.zero_stage != 3:
         raise SapoError(f"{script}: DeepSpeed offload_param ({launch.offload_param}){_where(launch)} offloads "
                         "parameters, which only ZeRO-3 does; remove it (offload_optimizer is supported)")
     if training is None:
@@ -288,7 +310,7 @@ def refuse_deepspeed(launch: Launch, script: str, training: TrainingRecipe | Non
 
 def refuse_unsupported(launch: Launch, script: str, training: TrainingRecipe | None = None):
     """Every launch the script cannot honour, refused in one line."""
-    refuse_sharded(launch, script)
+    refuse_sharded(launch, script, training)
     refuse_deepspeed(launch, script, training)
     if training is not None and launch.engine != "deepspeed" and launch.gradient_accumulation_steps not in (
             None, AUTO, 1):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.prompts import IGNORE_INDEX
+from tasks.sharding import gathered, numel
 
 @dataclass
 class Row:
@@ -143,8 +144,8 @@ def scoring_setup(model) -> ScoringSetup:
     # F/a of row_width(): linear FLOPs per token over attention FLOPs per (query, key) pair, from the layer sizes.
     layers = getattr(config, "num_hidden_layers", 1)
     backbone = getattr(model, model.base_model_prefix)
-    layer_params = (sum(p.numel() for p in backbone.parameters())
-                    - backbone.get_input_embeddings().weight.numel()) / max(layers, 1)
+    layer_params = (sum(numel(p) for p in backbone.parameters())  # whole sizes, also of ZeRO-3 partitions
+                    - numel(backbone.get_input_embeddings().weight)) / max(layers, 1)
     attn_width = getattr(config, "num_attention_heads", 1) * (getattr(config, "head_dim", None) or
                                                                 config.hidden_size // config.num_attention_heads)
     scale = getattr(config, "logit_scale", None) or 1.0  # Cohere multiplies the logits
@@ -218,9 +219,10 @@ def score_batch(model, setup: ScoringSetup, rows: list[Row], encoded, pad_id) ->
         kwargs["attention_mask"] = (seg >= 0).long().to(device)  # one sequence per row, right padding
     hidden = backbone(**kwargs).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    sums, counts = segment_nll(hidden, setup.weight, torch.tensor(targets, device=device),
-                               torch.tensor(segments, device=device), len(seq_of_segment),
-                               row_index=torch.tensor(row_index, device=device), bias=setup.bias,
-                               logit_scale=setup.logit_scale, softcap=setup.softcap, ignore_index=IGNORE_INDEX)
+    with gathered(setup.weight, setup.bias):  # ZeRO-3: the head is read outside its module's forward
+        sums, counts = segment_nll(hidden, setup.weight, torch.tensor(targets, device=device),
+                                   torch.tensor(segments, device=device), len(seq_of_segment),
+                                   row_index=torch.tensor(row_index, device=device), bias=setup.bias,
+                                   logit_scale=setup.logit_scale, softcap=setup.softcap, ignore_index=IGNORE_INDEX)
     sums, counts = sums.tolist(), counts.tolist()
     return {sid: (sums[s], counts[s]) for s, sid in enumerate(seq_of_segment)}

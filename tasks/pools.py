@@ -83,7 +83,12 @@ def limit_pool(pool: list[str], k: int | None, sample_seed: int | None, task_nam
 def generated_on_main(task, source: PoolSource, accelerator, model, tokenizer, state_id, cache_path) -> list[str]:
     """`source.generate` valid paraphrases, sampled on the main process and broadcast to every process."""
     from tasks.paraphrases import generate_paraphrases, read_meta_prompt
+    from tasks.sharding import lockstep
 
+    if not source.paraphrase_api and model is not None and lockstep(model):  # every process refuses alike
+        raise SapoError("--generate with a local model is not supported under a sharded launch (FSDP2 / ZeRO-3): "
+                        "the main process would sample alone while the weights are spread over every process; "
+                        "use --paraphrase-api, or a pool file (--candidates)")
     found = [None]
     if accelerator is None or accelerator.is_main_process:
         if source.paraphrase_api:

@@ -1,14 +1,16 @@
 """The launch check (tasks/launch.py): the topology derived from what accelerate hands the process (its
 environment, the DeepSpeed JSON that environment names, the built Accelerator), and every launch the scripts cannot
-honour refused in one line before anything loads. Sharded launches (FSDP, DeepSpeed ZeRO-3) are refused: selection
-scoring and generation need the full weights on every process. accelerate 1.15 cannot build an FSDP Accelerator on
-CPU ("There are currently no available devices found"; with ACCELERATE_USE_CPU=1 it builds a DDP one instead), so
-the refusal is what can be tested here: in-process for every script, and through real 2-process launches."""
+honour refused in one line before anything loads. Sharded launches run in the scripts of tasks.launch.SHARDED_SCRIPTS
+(tests/test_sharding.py runs them); the other sharded launches are refused. accelerate 1.15 cannot build an FSDP
+Accelerator on CPU ("There are currently no available devices found"; with ACCELERATE_USE_CPU=1 it builds a DDP one
+instead, refused once built), so for FSDP the refusals are what can be tested here: in-process for every script, and
+through real 2-process launches."""
 import json
 
 import pytest
 
 import evaluate
+import probe_prompts
 import score_prompts
 import train_sapo
 from tasks import SapoError
@@ -48,6 +50,16 @@ def test_check_launch_reads_accelerates_environment():
         check_launch("x.py", {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(SapoError, match="does not support DeepSpeed ZeRO-3"):
         check_launch("x.py", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    # The sharded launches tasks/sharding.py runs: ZeRO-3 for the three scripts, FSDP2 for the two that do not train.
+    for script in ("train_sapo.py", "score_prompts.py", "evaluate.py"):
+        check_launch(script, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+                     RECIPE if script == "train_sapo.py" else None)
+    for script in ("score_prompts.py", "evaluate.py"):
+        check_launch(script, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    with pytest.raises(SapoError, match="evaluate.py does not support FSDP version 1: use torch FSDP2"):
+        check_launch("evaluate.py", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    with pytest.raises(SapoError, match="train_sapo.py does not support FSDP: torch's fully_shard applies once"):
+        check_launch("train_sapo.py", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, RECIPE)
 
 
 def test_topology_is_read_from_the_deepspeed_json_the_environment_names(tmp_path):
@@ -134,22 +146,26 @@ def test_every_script_refuses_fsdp_in_one_line_before_loading(script, argv, tmp_
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
-@pytest.mark.parametrize("script,argv", [
-    (train_sapo, ["--model", "/nonexistent/model", "--output-dir", "{tmp}/run"]),
-    (score_prompts, ["--model", "/nonexistent/model", "--task", "sentiment"]),
+@pytest.mark.parametrize("script,argv,zero,says", [
+    (probe_prompts, ["--model", "/nonexistent/model", "--output-dir", "{tmp}/run"], {},
+     "probe_prompts.py does not support DeepSpeed ZeRO-3 (zero_optimization.stage 3 in {json})"),
+    (train_sapo, ["--model", "/nonexistent/model", "--output-dir", "{tmp}/run", "--method", "o-lora"], {},
+     "train_sapo.py: --method o-lora does not support DeepSpeed ZeRO-3 (zero_optimization.stage 3 in {json})"),
+    (score_prompts, ["--model", "/nonexistent/model", "--task", "sentiment"], {"offload_param": {"device": "nvme"}},
+     "score_prompts.py: DeepSpeed ZeRO-3 with offload_param on NVMe in {json} is not supported"),
 ])
-def test_every_script_refuses_a_zero3_json_in_one_line_before_loading(script, argv, tmp_path, monkeypatch, capsys):
-    for key, value in deepspeed_env(tmp_path, {"zero_optimization": {"stage": 3}}).items():
+def test_zero3_launches_not_supported_are_refused_in_one_line_before_loading(script, argv, zero, says, tmp_path,
+                                                                             monkeypatch, capsys):
+    for key, value in deepspeed_env(tmp_path, {"zero_optimization": {"stage": 3, **zero}}).items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit) as e:
         script.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "does not support DeepSpeed ZeRO-3" in err[0]
-    assert str(tmp_path / "ds_config.json") in err[0]
+    assert e.value.code == 2 and len(err) == 1 and says.format(json=tmp_path / "ds_config.json") in err[0]
     assert not (tmp_path / "run").exists()
 
 
-def test_real_two_process_zero3_json_launch_is_refused(tmp_path):
+def test_real_two_process_zero3_olora_launch_is_refused(tmp_path):
     # The launcher turns --deepspeed_config_file into the environment; the stage is only in the file.
     import os
     import subprocess
@@ -165,12 +181,13 @@ def test_real_two_process_zero3_json_launch_is_refused(tmp_path):
     env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--use_deepspeed",
                            "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port",
-                           str(free_port()), "train_sapo.py", "--output-dir", str(tmp_path / "run")],
+                           str(free_port()), "train_sapo.py", "--method", "o-lora", "--output-dir",
+                           str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=root, env=env, timeout=300)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0
-    assert ours and all(f"train_sapo.py does not support DeepSpeed ZeRO-3 (zero_optimization.stage 3 in "
-                        f"{config})" in line for line in ours), proc.stderr[-2000:]
+    assert ours and all(f"train_sapo.py: --method o-lora does not support DeepSpeed ZeRO-3 (zero_optimization.stage "
+                        f"3 in {config})" in line for line in ours), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
 
@@ -192,6 +209,31 @@ def test_real_two_process_fsdp_launch_is_refused(tmp_path):
     assert proc.returncode != 0
     assert ours and all("train_sapo.py does not support FSDP" in line for line in ours)  # one line per process
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine,says", [(["--use_fsdp", "--fsdp_version", "2"], "fsdp"),
+                                         (["--use_deepspeed", "--zero_stage", "3"], "deepspeed")])
+def test_real_two_process_sharded_launch_built_as_ddp_on_cpu_is_refused(engine, says, tmp_path):
+    if says == "deepspeed":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    # evaluate.py accepts FSDP2 and ZeRO-3 from the environment; with ACCELERATE_USE_CPU=1 accelerate then builds a
+    # DDP Accelerator (seen: MULTI_CPU), which would run unsharded: refused once built, before any model loads.
+    import os
+    import subprocess
+    import sys
+
+    from test_evaluate import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", *engine,
+                           "--num_processes", "2", "--main_process_port", str(free_port()), "evaluate.py",
+                           "--model", "/nonexistent/model", "--tasks", "sentiment"],
+                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0
+    assert ours and all(f"evaluate.py: the launch asks for {says} but accelerate built a MULTI_CPU one" in line
+                        for line in ours), proc.stderr[-2000:]
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

@@ -1,0 +1,197 @@
+"""Sharded launches on 2 CPU processes (gloo) against one process without sharding (tasks/sharding.py).
+
+tests/sharded_worker.py runs the scenario under torch FSDP2 (`fully_shard` driven directly: accelerate builds no FSDP
+Accelerator on a CPU) and under DeepSpeed ZeRO-3 through accelerate (DS_ACCELERATOR=cpu); `sharded_worker.reference`
+runs it on one process, nothing sharded. Tolerances: candidate scores within 1e-6 relative, greedy answers identical,
+the saved adapter bit-identical, and each training step's update (SGD, clipped) within 1e-3 of the reference update
+(seen here: 5e-5, float32 sums in another order).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sharded_worker as scenario
+from tasks import sharding
+from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("sharded") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return scenario.reference(model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, model_dir: str, out: Path) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(WORKER), mode, model_dir, str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def check_against_reference(got: dict, ref: dict, trained: tuple[str, ...]):
+    for key in ("scores", "scores_after"):
+        if key not in got:
+            continue
+        assert got[key].num_batches % 2 == 1  # one process ran a discarded batch to keep the forwards in step
+        for c, r in zip(got[key].candidates, ref[key].candidates):
+            assert c.score == pytest.approx(r.score, rel=1e-6)
+            assert c.instance_counts == r.instance_counts
+    for key in ("answers", "answers_after"):
+        if key in got:
+            assert got[key] == ref[key]
+    assert set(got["t0"]) == set(ref["t0"])
+    for n in ref["t0"]:
+        assert torch.equal(got["t0"][n], ref["t0"][n])
+    for name in trained:
+        init, want, have = ref[name + "_init"], ref[name], got[name]
+        assert set(have) == set(want)
+        update = max((want[n] - init[n]).abs().max().item() for n in want)
+        assert update > 1e-3  # the step moved the weights
+        error = max((have[n] - want[n]).abs().max().item() for n in want)
+        assert error <= 1e-3 * update, (name, error, update)
+
+
+def check_saved_adapter(adapter_dir: Path, model_dir: str, ref: dict):
+    """Stock peft loads the adapter the main process saved from sharded weights, with the reference's values."""
+    from peft import PeftModel
+
+    from tasks.models import load_model
+
+    loaded = PeftModel.from_pretrained(load_model(model_dir, dtype=torch.float32), str(adapter_dir))
+    weights = {n.replace(".default.", ".t0."): p for n, p in loaded.named_parameters() if ".default." in n}
+    assert set(weights) == set(ref["t0"])
+    for n, p in weights.items():
+        assert torch.equal(p.detach(), ref["t0"][n])
+
+
+def test_fsdp2_two_processes_match_one_process(model_dir, reference, tmp_path):
+    ranks = launch("fsdp2", model_dir, tmp_path)
+    for got in ranks:
+        assert got["engine"] == sharding.FSDP2
+        assert got["generate_refused"].startswith("--generate with a local model is not supported under a sharded")
+        check_against_reference(got, reference, trained=("t1",))
+    check_saved_adapter(tmp_path / "adapter-t0", model_dir, reference)
+
+
+def test_zero3_two_processes_match_one_process(model_dir, reference, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    ranks = launch("zero3", model_dir, tmp_path)  # offload: the train_sapo launch below (and "zero3-offload")
+    for got in ranks:
+        assert got["partitioned_at_load"] == sharding.ZERO3  # accelerate's zero3_init partitioned it at load
+        assert got["engine"] == sharding.ZERO3
+        check_against_reference(got, reference, trained=("t1", "t2"))
+    check_saved_adapter(tmp_path / "adapter-t0", model_dir, reference)
+
+
+def test_unsharded_model_is_left_as_it_is():
+    model = tiny_model(len(tiny_tokenizer()))
+    assert sharding.engine_of(model) == sharding.NONE and not sharding.lockstep(model)
+    head = model.get_output_embeddings().weight
+    with sharding.weights_for_forward(model), sharding.gathered(head, None):
+        assert model.get_output_embeddings().weight is head
+    assert sharding.numel(head) == head.numel()
+
+
+def test_inference_config_keeps_zero_and_precision_and_drops_auto():
+    launch_config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0,
+                     "optimizer": {"type": "AdamW"}, "bf16": {"enabled": "auto"},
+                     "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                           "offload_param": {"device": "cpu"}}}
+    assert sharding.inference_config(launch_config) == {
+        "bf16": {}, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train_sapo.py under `accelerate launch --use_deepspeed` ZeRO-3, killed after a checkpoint and resumed
+
+ROOT = Path(__file__).resolve().parent.parent
+# README's ZeRO-3 config, as users write them: the sizes left auto (tasks.sharding fills them from the model),
+# parameters and optimizer states offloaded to the CPU.
+USER_ZERO3_JSON = {"bf16": {"enabled": "auto"}, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                   "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",
+                                         "stage3_prefetch_bucket_size": "auto",
+                                         "stage3_param_persistence_threshold": "auto",
+                                         "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}
+STOP_AFTER_CHECKPOINT = f'''import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train_sapo
+save = train_sapo.save_checkpoint
+def save_then_stop(accelerator, checkpoint, step, extra=None):  # a kill right after task 2's first checkpoint
+    save(accelerator, checkpoint, step, extra)
+    if checkpoint.parent.name.startswith("2-"):
+        accelerator.wait_for_everyone()
+        os._exit(3)
+train_sapo.save_checkpoint = save_then_stop
+train_sapo.main(sys.argv[1:])
+'''
+
+
+def test_train_sapo_under_zero3_resumes_and_matches_one_process(model_dir, tmp_path):
+    """Two tasks (selection, training, evaluation rows) on 2 processes under ZeRO-3, interrupted after task 2's
+    first checkpoint and rerun: the same picks, scores, losses, adapters and greedy predictions as one process."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    import json
+
+    import train_sapo
+    from safetensors.torch import load_file
+    from test_train_sapo import SMALL
+
+    train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "one"), *SMALL])
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(USER_ZERO3_JSON))
+    (tmp_path / "stop.py").write_text(STOP_AFTER_CHECKPOINT)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would quietly build DDP
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = tmp_path / "zero3"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed",
+               "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port", str(free_port())]
+    args = ["--model", model_dir, "--output-dir", str(out), *SMALL]
+    killed = subprocess.run([*command, str(tmp_path / "stop.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert killed.returncode != 0 and (out / "2-count_words" / "checkpoint" / "sapo_step.json").exists(), \
+        killed.stderr[-3000:]
+    resumed = subprocess.run([*command, "train_sapo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "sharded launch: zero3" in resumed.stdout and "resuming training of 2-count_words" in resumed.stdout
+    one = tmp_path / "one"
+    for k, name in enumerate(["sentiment", "count_words"], start=1):
+        task_dir = f"{k}-{name}"
+        s1, s2 = [json.loads((d / task_dir / "selection.json").read_text()) for d in (one, out)]
+        assert s1["selected"] == s2["selected"]
+        assert [c["score"] for c in s2["candidates"]] == pytest.approx([c["score"] for c in s1["candidates"]],
+                                                                       rel=1e-5)
+        l1, l2 = [[json.loads(x)["loss"] for x in (d / task_dir / "train_log.jsonl").read_text().splitlines()]
+                  for d in (one, out)]
+        assert len(l2) == len(l1) and l2 == pytest.approx(l1, rel=1e-4)
+        w1, w2 = [load_file(str(d / task_dir / "adapter" / "adapter_model.safetensors")) for d in (one, out)]
+        assert set(w1) == set(w2)
+        for n in w1:
+            assert (w2[n] - w1[n]).abs().max() <= 1e-4 * w1[n].abs().max()
+        for task in ("sentiment", "count_words"):
+            p1, p2 = [[json.loads(x)["prediction"] for x in (d / task_dir / "predictions" / f"{task}.jsonl")
+                       .read_text().splitlines()] for d in (one, out)]
+            assert p1 == p2
