@@ -292,15 +292,18 @@ def test_probe_records_keep_undefined_numbers_as_null(tmp_path):
     from tasks.records import json_safe, read_record
 
     path = tmp_path / "indicators.json"
-    stored = probe_prompts.StoredIndicators(candidates=["a"], indicators=[probe_prompts.Indicators(
-        pre_update_loss=1.5)])
+    stored = probe_prompts.StoredIndicators(candidates=["a"], instances={"pre_update_loss": 4},
+                                            indicators=[probe_prompts.Indicators(pre_update_loss=1.5)],
+                                            static=[probe_prompts.Indicators(pre_update_loss=2.5)])
     import dataclasses
 
     write_json(path, json_safe(dataclasses.asdict(stored)))  # NaN (not computed) -> null: strict JSON
     strict_load(path.read_text())
     back = read_record(path, probe_prompts.StoredIndicators, undefined_floats=True)
     assert back.indicators[0].pre_update_loss == 1.5 and math.isnan(back.indicators[0].gradient_norm)
-    path.write_text(json.dumps({"candidates": ["a"], "indicators": [{"pre_update_loss": "x"}]}))
+    assert back.static[0].pre_update_loss == 2.5 and back.instances == {"pre_update_loss": 4}
+    path.write_text(json.dumps({"candidates": ["a"], "instances": {}, "indicators": [{"pre_update_loss": "x"}],
+                                "static": []}))
     with pytest.raises(SapoError, match=r"indicators\[0\].pre_update_loss must be a number, got a string"):
         read_record(path, probe_prompts.StoredIndicators, undefined_floats=True)
 
