@@ -144,6 +144,8 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
     device = next(net.parameters()).device
     if token_budget == "auto":
         token_budget = default_token_budget(net, device)
+        if accelerator.num_processes > 1:  # free memory differs per GPU: every process must cut the same plan
+            token_budget = int(accelerator.gather(torch.tensor([token_budget], device=accelerator.device)).min())
     static = bool(compile) and device.type == "cuda"
     if compile and not static:
         accelerator.print(f"note: --eval-compile is for CUDA; generating on {device.type} with the plain path")
