@@ -14,7 +14,7 @@ from tasks.attention import FLEX_ATTENTION, document_block_mask, set_training_at
 from tasks.prompts import IGNORE_INDEX, Encoded
 from tasks.train_batches import build_batch, plan_micro_batches
 from tasks.train_step import SupervisedNLL, training_layout
-from tiny import tiny_model
+from tiny import qv_lora, tiny_model
 
 VOCAB = 300
 
@@ -56,15 +56,8 @@ def test_block_mask_is_the_dense_document_mask():
 def test_flex_gives_the_logits_and_gradients_of_the_dense_mask(arch, device, monkeypatch):
     """On CPU: the eager implementation, its backward let through; on CUDA: the compiled kernels, forward and
     backward, as training runs them."""
-    from peft import LoraConfig, get_peft_model
-
     net = tiny_model(VOCAB, arch=arch, seed=3).to(device)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    peft_model = get_peft_model(net, lora)
-    with torch.no_grad():  # B = 0 at init would make every LoRA A gradient zero
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    peft_model = qv_lora(net)
     batch = packed_batch([70, 25, 33, 48, 12, 55], seed=1).to(device)
     results = {}
     for attention in ("sdpa", "flex"):

@@ -10,7 +10,7 @@ import torch
 
 from tasks.errors import SapoError
 from tasks.fused_ops import apply_fused_ops
-from tiny import tiny_model
+from tiny import qv_lora, tiny_model
 
 
 def test_unknown_fused_ops_and_a_missing_package_are_one_line_errors(monkeypatch):
@@ -27,8 +27,6 @@ def test_unknown_fused_ops_and_a_missing_package_are_one_line_errors(monkeypatch
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_liger_gives_the_loss_and_gradients_of_the_plain_model(arch):
     pytest.importorskip("liger_kernel")
-    from peft import LoraConfig, get_peft_model
-
     from tasks.train_batches import build_batch, plan_micro_batches
     from tasks.train_step import SupervisedNLL
     from test_attention_flex import VOCAB, packed_batch
@@ -38,13 +36,7 @@ def test_liger_gives_the_loss_and_gradients_of_the_plain_model(arch):
         net = tiny_model(VOCAB, arch=arch, seed=5).cuda()
         net.config._attn_implementation = "sdpa"
         apply_fused_ops(net, fused)
-        peft_model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                    target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        peft_model = qv_lora(net, b_seed=0)
         batch = packed_batch([70, 25, 33, 48, 12, 55], seed=1).to("cuda")
         loss = SupervisedNLL(peft_model, "packed")(batch)
         loss.backward()

@@ -16,7 +16,7 @@ from tasks import IGNORE_INDEX, pad_batch
 from tasks.prompts import Encoded
 from tasks.train_batches import LAYOUTS, build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
 from tasks.train_step import SupervisedNLL, head_nll, set_gradient_checkpointing
-from tiny import save_tiny_model_dir, tiny_model
+from tiny import qv_lora, save_tiny_model_dir, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -160,16 +160,9 @@ def test_packed_step_gives_the_padded_steps_loss_and_gradient(model, layout, bud
 
 
 def test_checkpointing_with_peft_keeps_the_gradient(model):
-    from peft import LoraConfig, get_peft_model
-
     net = tiny_model(VOCAB, arch="llama", seed=6)
     net.config._attn_implementation = "sdpa"
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    peft_model = get_peft_model(net, lora)
-    with torch.no_grad():  # B = 0 at init would make every LoRA A gradient zero
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    peft_model = qv_lora(net)
     peft_model.train()  # checkpointing is active in training mode only; every dropout is 0 here
     encoded = sequences([40, 7, 90, 25, 61], seed=3)
     batch = [4, 0, 3, 1, 2]

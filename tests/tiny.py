@@ -75,6 +75,22 @@ def tiny_model(vocab_size: int, arch: str = "llama", seed: int = 0, hidden: int 
     return model.eval()
 
 
+def qv_lora(net, b_seed: int | None = None):
+    """A peft LoRA (r 4, alpha 8, no dropout) on q_proj/v_proj whose B is random: at init B = 0 would make every LoRA A
+    gradient zero, and a gradient test would check nothing there."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    if b_seed is not None:
+        torch.manual_seed(b_seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return peft_model
+
+
 def save_tiny_model_dir(path, arch: str = "llama", seed: int = 0) -> str:
     """A tiny model + tokenizer saved as an HF directory (what `--model DIR` takes)."""
     tok = tiny_tokenizer()
