@@ -22,8 +22,8 @@ U of unseen tasks:
 
 Everything a pair computes is stored once under `<output dir>/<T1>--<T2>/` (`1-<T1>/` = S1, `indicators.json`,
 `conflict.json`, `candidate-<k>/` = train_sapo's task folder: selection.json, adapter/, training.json, scores.json) and
-loaded on a rerun; a rerun with other settings is refused (train_sapo.prepare_run_dir). The results: summary.json,
-CSV tables and PNG figures in the output dir.
+loaded on a rerun; a rerun with other settings is refused (tasks.run_dir.open_run_dir_on_every_process). The
+results: summary.json, CSV tables and PNG figures in the output dir.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from tasks.loaders import write_json, write_text_atomic
 from tasks.records import json_safe, read_record
 from tasks.models import activate_adapters, adapter_name, load_model, load_tokenizer, resolve, resolve_dtype
 from tasks.prompts import encode_task_example
-from tasks.run_dir import pool_hash
+from tasks.run_dir import open_run_dir_on_every_process, pool_hash
 from tasks.score_cache import model_state_id
 from tasks.statistics import (bootstrap_interval, bootstrap_samples, fisher_z_pool, flesch_kincaid_grade, nanmean,
                               pearson, percentile_interval, relative_change, spearman, variance_decomposition)
@@ -1210,7 +1210,8 @@ def main(argv=None):
     if not config.generate:  # the T2 pools are inputs too: another pool is another study
         key.pools = {tasks[t2].name: pool_hash(config.pool_source().build(tasks[t2]))
                      for _, t2 in config.pair_names()}
-    run_dir = train_sapo.prepare_run_dir(config, key, overwrite, accelerator)
+    run_dir = open_run_dir_on_every_process(Path(config.output_dir), dataclasses.asdict(config), key, overwrite,
+                                           accelerator)
     tokenizer = load_tokenizer(config.model)
     pairs = []
     arms_done = sum((arm_dir(run_dir / f"{t1}--{t2}", c, s) / "scores.json").exists()

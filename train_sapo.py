@@ -5,13 +5,18 @@ pre-update loss, train a new LoRA with it, evaluate every task of the sequence.
     accelerate launch train_sapo.py --preset paper --model Qwen/Qwen3-8B --data-dir ../shared/data/superni
     accelerate launch train_sapo.py --select sapo-race ...     # racing selection (ours): a fraction of the tokens
     accelerate launch --num_processes 8 train_sapo.py --preset paper ...        # several GPUs (DDP)
-    accelerate launch --config_file fsdp.yaml train_sapo.py ...                 # FSDP / DeepSpeed via accelerate configs
+    accelerate launch --use_deepspeed --zero_stage 2 --num_processes 8 train_sapo.py --preset paper ...  # DeepSpeed
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_sapo.py ...   # 2 processes on CPU
 
 The loop (`main`): the zero-shot row of R, then per task select_instruction -> train_adapter -> evaluate_row. Each
 step writes its result into the task's folder (`<k>-<task>/`: selection.json, adapter/ + training.json, scores.json)
 and, when that result is already there, loads it instead of computing it: rerunning the same command resumes.
-Training continues from its last checkpoint, selection from its score cache.
+Training continues from its last checkpoint (tasks/checkpoints.py), selection from its score cache.
+
+The launch check (tasks/launch.py) runs before the Accelerator is built and again on the built one, before any model
+loads: DDP and one process run as they are; DeepSpeed ZeRO 0-2 is configured to train what DDP trains (one optimizer
+step per global batch, its own clipping at --max-grad-norm); {{SHARDED}} run sharded (tasks/sharding.py);
+any setting the script cannot honour (its list: README "Launches") is refused in one line.
 """
 from __future__ import annotations
 
@@ -21,37 +26,39 @@ import inspect
 import math
 import os
 import re
-import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
 
 import torch
 
 import evaluate
 import score_prompts
 from tasks import SapoError, cli_main
-from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_example
+from tasks.attention import ATTENTION_CHOICES, set_training_attention
+from tasks.checkpoints import TrainLog, keep_trainable_weights, resume_training, save_adapter, save_checkpoint
 from tasks.core import Task
 from tasks.divergence import check_finite_step
-from tasks.errors import describe_os_error, exit_after_main, writing
+from tasks.errors import exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
+from tasks.fused_ops import FUSED_OPS_CHOICES, apply_fused_ops
 from tasks.launch import TrainingRecipe, accelerator_kwargs, check_accelerator, check_launch
-from tasks.loaders import load_sequence, load_task, read_json, strict_json, write_json
-from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, check_context, load_model, \
-    load_tokenizer, resolve, resolve_dtype, stack_adapters
+from tasks.loaders import load_sequence, load_task, read_json, write_json
+from tasks.memory_plan import CHECKPOINTING_MODES, peak_memory_reached, plan_training_memory
+from tasks.models import (DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, check_context, check_lora_targets,
+                          load_model, load_tokenizer, resolve, resolve_dtype, stack_adapters)
 from tasks.pools import PoolSource
+from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_example
 from tasks.records import from_record, read_record
-from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
+from tasks.reselection import Reselection, Reselector, reselection_instances, shortlist_of
+from tasks.run_dir import RunKey, check_task_folders, open_run_dir_on_every_process, pool_hash
+from tasks.schedule import lr_factor, warmup_steps_of
 from tasks.score_cache import model_state_id
 from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
-from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
+from tasks.train_batches import (build_batch, check_batch_split, global_batches, my_micro_batches, plan_micro_batches,
+                                 supervised_tokens)
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
-from tasks.attention import ATTENTION_CHOICES, set_training_attention
-from tasks.fused_ops import FUSED_OPS_CHOICES, apply_fused_ops
-from tasks.memory_plan import CHECKPOINTING_MODES, choose_checkpointing, estimate_training_memory, \
-    largest_micro_batch, peak_memory_reached
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -175,6 +182,316 @@ CHOICES = {"method": ("lora-inc", "o-lora", "seq-lora"), "eval_prompt": ("select
 BARE_FLAG_VALUES = {"gradient_checkpointing": "on"}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop.
+
+@cli_main
+def main(argv=None):
+    config, overwrite = parse_config(argv)
+    launch = check_launch("train_sapo.py", training=training_recipe(config))  # before the Accelerator is built
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir, **accelerator_kwargs(launch))
+    launch = check_accelerator(accelerator, "train_sapo.py", training_recipe(config),
+                               resolve_dtype(config.dtype, accelerator.device))  # as built, before any model loads
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    accelerator.print(describe_preset(config))
+    if launch.engine == "deepspeed":
+        accelerator.print(f"launch: {launch.describe()}")
+    check_batch_split(config, accelerator.num_processes)
+    set_seed(config.seed)
+    tasks = load_tasks(config, accelerator)  # data first: a bad task name or pool fails before any model loads
+    base_path, base_adapters = resolve(config.model)
+    run_dir = open_run_dir_on_every_process(Path(config.output_dir), dataclasses.asdict(config),
+                                           run_key(config, tasks, base_path, base_adapters), overwrite, accelerator)
+    if config.report_to:
+        accelerator.init_trackers("sapo", config={k: v for k, v in dataclasses.asdict(config).items()
+                                                  if isinstance(v, (int, float, str, bool))})
+    run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
+    check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
+    # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
+    state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
+        accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
+    state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
+    check_lora_targets(state.model, config.lora_targets)
+    check_model_context(state.model, config)
+    if config.fused_ops != "none":  # ours: for selection, training and generation alike
+        applied = apply_fused_ops(state.model, config.fused_ops)
+        accelerator.print(f"--fused-ops {config.fused_ops}: " + ", ".join(applied))
+
+    # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
+    originals = {t.name: t.instruction for t in tasks}
+    rows = [evaluate_row(run, state, run_dir / "0-zero-shot", "zero-shot", originals)]
+    write_results(run, rows, {})
+    trained_with, timings = {}, {}  # task name -> the instruction its adapter was trained with
+    for k, task in enumerate(tasks):
+        task_dir = run.task_dir(k, task)
+        chosen = select_instruction(run, state, task, task_dir)
+        accelerator.print(f"[{k + 1}/{len(tasks)}] {task.name}: training with candidate {chosen.selection.selected} "
+                          f"of {len(chosen.selection.candidates)}: {chosen.selection.instruction[:90]!r}"
+                          + (f" ({chosen.note})" if chosen.note else ""))
+        training = train_adapter(run, state, k, task, chosen, task_dir)
+        trained_with[task.name] = chosen.trained_with
+        save_stack(run, state, task_dir, trained_with)
+        # Trained tasks are evaluated with their training instruction (or the original, by choice); untrained ones
+        # with the original.
+        instructions = {**originals, **(trained_with if config.eval_prompt == "selected" else {})}
+        rows.append(evaluate_row(run, state, task_dir, f"after {task.name}", instructions))
+        timings[task.name] = task_timings(chosen, training, rows[-1])
+        write_results(run, rows, timings)
+    print_summary(run, rows, timings)
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The three steps of a task. Each loads its result when it is already on disk, else computes and saves it.
+
+def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) -> TaskSelection:
+    """1. The training instruction of `task`, chosen against the CURRENT state (base + every adapter so far, as
+    trained): the candidate with the lowest pre-update loss on the first score_instances training instances."""
+    done = read_json(task_dir / "selection.json", default=None, advice=redo_advice(task_dir))
+    # Every process looks before the main one may write: an unscored pick (original, fixed:K) is written at once, and
+    # a process that found it already written would skip the barrier the others wait in (a hang with 2 processes).
+    run.accelerator.wait_for_everyone()
+    if done is not None:
+        return TaskSelection.from_json(done, task_dir / "selection.json")
+    config, split = run.config, training_split(task, run.config)
+    note = ""
+    if not task.instruction.strip():  # e.g. TRACE's Py150: nothing to paraphrase, trained as is (as the authors do)
+        selection = score_prompts.Selection.unscored(task.name, "none", [task.instruction], 0)
+        note = "empty instruction: nothing to paraphrase, trained without selection"
+    elif config.select == "original":
+        selection = score_prompts.Selection.unscored(task.name, "original", [task.instruction], 0)
+    else:
+        state_id = state.state_id(run)
+        pool = config.pool_source().build(task, accelerator=run.accelerator, model=state.model,
+                                          tokenizer=run.tokenizer, state_id=state_id,
+                                          cache_path=run.run_dir / "paraphrases.json")
+        fixed = config.fixed_candidate()
+        if fixed is not None:  # one arm of the paper's analysis: train with candidate K, whatever its score
+            if fixed >= len(pool):
+                raise SapoError(f"--select {config.select}: task {task.name} has {len(pool)} candidates")
+            selection = score_prompts.Selection.unscored(task.name, config.select, pool, fixed)
+        elif len(pool) == 1:
+            selection = score_prompts.Selection.unscored(task.name, config.select, pool, 0)
+        else:
+            selection = score_prompts.select_candidates(
+                state.model, run.tokenizer, task, pool, task.split(split)[:config.score_instances], run.accelerator,
+                method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
+                token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
+                cache_path=task_dir / "score_cache.json", state_id=state_id, progress=run.progress)
+    chosen = TaskSelection(select=config.select, split=split, original=task.instruction, selection=selection,
+                           note=note, dtype=str(state.model.dtype))
+    run.save(task_dir / "selection.json", chosen.to_json())
+    return chosen
+
+
+def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskSelection, task_dir: Path) -> Training:
+    """2. A new LoRA for `task` trained with the chosen instruction (seq-lora: the one LoRA, continued), earlier
+    adapters frozen and active. Advances `state` to base + every adapter up to this task."""
+    from peft import LoraConfig, get_peft_model
+
+    config, accelerator = run.config, run.accelerator
+    adapter_dir = task_dir / "adapter"
+    seq = config.method == "seq-lora"
+    previous = [] if seq else [adapter_name(i) for i in range(len(state.adapter_dirs))]
+    name = adapter_name(0) if seq else adapter_name(len(state.adapter_dirs))
+    if (adapter_dir / "adapter_config.json").exists():  # trained by an earlier process: load it as saved
+        training = read_record(task_dir / "training.json", Training, advice=redo_advice(task_dir))
+        if state.peft_model is None or seq:
+            base = state.peft_model.unload() if state.peft_model is not None else state.model
+            state.peft_model = stack_adapters(base, [str(adapter_dir)])
+        else:
+            state.peft_model.load_adapter(str(adapter_dir), adapter_name=name)
+    else:
+        # Seeded per task, so a run resumed at any task initialises and drops out exactly as an uninterrupted one.
+        from accelerate.utils import set_seed
+
+        set_seed(config.seed + k)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
+        if state.peft_model is None:
+            state.peft_model = get_peft_model(state.model, lora, adapter_name=name)
+        elif name not in state.peft_model.peft_config:
+            state.peft_model.add_adapter(name, lora)
+        activate_adapters(state.peft_model, previous + [name], trainable=name)
+        train_instances = task.split(chosen.split)[:config.train_instances]
+
+        def encode(instruction):
+            return encode_training_set(run.tokenizer, task, instruction, train_instances, config)
+
+        reselect = make_reselector(run, task, chosen, len(train_instances), encode)  # ours; None unless asked
+        state.peft_model, training = train_task(accelerator, state.peft_model, name, previous,
+                                                encode(chosen.selection.instruction), config, task_dir, run.progress,
+                                                reselect)
+        if reselect is not None:
+            chosen.reselections, chosen.final_instruction = reselect.events, reselect.current
+            run.save(task_dir / "selection.json", chosen.to_json())
+        # training.json first: an adapter on disk always has its record (a kill in between retrains the task).
+        run.save(task_dir / "training.json", dataclasses.asdict(training))
+        # Sharded weights are gathered first, by every process (tasks/sharding.py)
+        weights = adapter_state_dict(state.peft_model, name) if lockstep(state.model) else None
+        if accelerator.is_main_process:
+            save_adapter(state.peft_model, name, adapter_dir, state_dict=weights)
+        accelerator.wait_for_everyone()
+    state.adapter_dirs = [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)]
+    activate_adapters(state.peft_model, previous + [name], trainable=None)
+    state.model = state.peft_model.get_base_model().eval()  # the transformers model with every LoRA layer inside
+    return training
+
+
+def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instructions: dict[str, str]) -> Row:
+    """3. One row of R: every task of the sequence evaluated with the current state (greedy generation), each with
+    its instruction in `instructions`."""
+    done = read_record(row_dir / "scores.json", Row, default=None, advice="delete it to evaluate that row again")
+    if done is not None:
+        return done
+    config = run.config
+    start = time.perf_counter()
+    scores = {}
+    for task in run.tasks:
+        scores[task.name] = evaluate.evaluate_task(
+            state.model, run.tokenizer, task, instructions[task.name], run.accelerator, split=config.eval_split,
+            max_instances=config.eval_instances, batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_source_length,
+            predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress,
+            token_budget=config.eval_token_budget or "auto", compile=config.eval_compile)  # adapters folded into one
+    row = Row(row=label, scores=scores, seconds=time.perf_counter() - start)
+    run.save(row_dir / "scores.json", dataclasses.asdict(row))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training one task: the optimizer loop, and one optimizer step's micro-batches.
+
+def train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress, reselect=None):
+    """Train adapter `name` of `peft_model` on the encoded instances; resumable from task_dir/checkpoint.
+    Returns the trained peft model and a Training record (its seconds add up over resumed segments)."""
+    from accelerate.utils import DistributedType
+    from tqdm.auto import tqdm
+
+    clock = TrainingClock()
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # ZeRO 0-2 as tasks/launch.py set it up
+    net = peft_model.get_base_model()  # the transformers model, LoRA layers inside
+    if config.attention == "flex" and accelerator.device.type != "cuda":
+        raise SapoError("--attention flex trains on a CUDA GPU only: torch's FlexAttention has no backward on CPU")
+    attention_before = set_training_attention(net, config.attention) if config.attention != "sdpa" else None
+    layout = training_layout(net)
+    # Our own accumulation (accumulate_step): a step's micro-batch count varies with its lengths.
+    accelerator.gradient_accumulation_steps = 1
+    steps = global_batches(len(encoded), config.global_batch_size, config.epochs, config.seed)
+    total_steps, warmup_steps = len(steps), warmup_steps_of(config, len(steps))
+    accumulation = max(len(micro_batches(encoded, b, config, layout, accelerator.process_index,
+                                         accelerator.num_processes)) for b in steps)  # the most in one step
+    checkpoint_every = config.checkpoint_every or math.ceil(len(encoded) / config.global_batch_size)  # or per epoch
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # Stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per process, which would
+    # make the schedule depend on the number of processes.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
+    step_module = SupervisedNLL(peft_model, layout)  # the whole loss is one module, so that DDP sees its backward
+    estimate, checkpointing = plan_training_memory(  # ours: --gradient-checkpointing auto, the peak in training.json
+        accelerator, step_module, net, [micro_batches(encoded, b, config, layout, 0, 1) for b in steps], encoded, steps,
+        config.gradient_checkpointing)
+    model, optimizer = prepare_for_training(accelerator, step_module, optimizer, net)  # tasks/sharding.py
+
+    checkpoint = task_dir / "checkpoint"
+    saved = resume_training(accelerator, model, checkpoint, task_dir.name)
+    start_step = saved.step if saved else 0
+    if saved:
+        clock.earlier = saved.seconds
+        encoded = (reselect.restore(saved.reselector) if reselect else None) or encoded
+        for _ in range(start_step):  # the schedule is a function of the step alone: replay it
+            scheduler.step()
+        accelerator.print(f"resuming training of {task_dir.name} at step {start_step}/{total_steps}")
+    log = TrainLog(task_dir / "train_log.jsonl", start_step, accelerator.is_main_process)
+
+    model.train()
+    bar = tqdm(range(start_step, total_steps), desc=f"train {task_dir.name}", disable=not progress,
+               initial=start_step, total=total_steps)
+    for step in bar:
+        batch = steps[step]
+        total_tokens = supervised_tokens(encoded, batch)  # of the whole global batch, known before the step
+        step_nll, orth = accumulate_step(accelerator, model, encoded, batch, step, total_tokens, config, layout,
+                                         name, previous)
+        if not deepspeed:  # DeepSpeed clips (gradient_clipping) and steps inside accelerator.backward
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        check_finite_step(accelerator, task_dir.name, step + 1, total_steps, step_nll, total_tokens, orth, lr,
+                          trainable, checkpoint)  # a diverged step stops here, on every process: nothing saved
+        scheduler.step()
+        log_line = {"step": step + 1, "loss": accelerator.reduce(step_nll, reduction="sum").item() / total_tokens,
+                    "lr": lr, **({"olora_orth": orth.item()} if config.method == "o-lora" else {})}
+        accelerator.log({f"{task_dir.name}/{k}": v for k, v in log_line.items() if k != "step"}, step=step + 1)
+        bar.set_postfix(loss=f"{log_line['loss']:.4f}")
+        log.append(log_line)
+        if reselect is not None:  # ours (tasks/reselection.py): re-scoring is selection time, not training time
+            with clock.paused():
+                encoded = reselect.after_step(net, step + 1, total_steps) or encoded
+        if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+            save_checkpoint(accelerator, checkpoint, step + 1,
+                            {"seconds": clock.seconds, "reselector": reselect.state() if reselect else None})
+    bar.close()
+    model.eval()
+    if checkpointing:
+        set_gradient_checkpointing(net, False)
+    if attention_before is not None:
+        net.set_attn_implementation(attention_before)  # scoring and generation keep their own attention
+    peak, peak_kind = peak_memory_reached(accelerator.device)
+    accelerator.wait_for_everyone()
+    end_training(accelerator, net)  # accelerate's references dropped (ZeRO-3: inference hooks back on `net`)
+    return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
+                                seconds=clock.seconds,
+                                reselection_seconds=reselect.seconds if reselect else 0.0,
+                                gradient_checkpointing="on" if checkpointing else "off",
+                                estimated_peak_bytes=estimate.peak(checkpointing) if estimate else 0,
+                                peak_memory_bytes=peak, peak_memory=peak_kind)
+
+
+def accumulate_step(accelerator, model, encoded, batch, step, total_tokens, config, layout, name, previous):
+    """Forward and backward of this process's micro-batches of one global batch (tasks.train_batches: packed rows,
+    filled up to --micro-batch-tokens; a function of the batch and the budget, never of the process count); each
+    micro-batch's summed response-token NLL comes from tasks.train_step.SupervisedNLL (the LM head on supervised rows
+    only). The gradient is exactly that of sum(NLL) / total_tokens (+ the O-LoRA penalty), synchronized once, after
+    the last micro-batch (no_sync before). Returns this process's summed NLL and the O-LoRA orth term (0 without)."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    world = accelerator.num_processes
+    step_nll = torch.zeros((), device=accelerator.device)
+    orth = torch.zeros((), device=accelerator.device)
+    # The O-LoRA penalty goes into this process's first micro-batch only (tasks: olora_step_penalty).
+    penalty = olora_step_penalty(accelerator, model, name, previous, config) if config.method == "o-lora" else None
+    mine = micro_batches(encoded, batch, config, layout, accelerator.process_index, world)
+    for j, (index, micro) in enumerate(mine):
+        weight = 1.0 if micro else 0.0
+        # A process without a micro-batch left runs one real sequence at zero weight: the same backward passes.
+        rows = [[batch[p] for p in row] for row in micro.rows] if micro else [[batch[0]]]
+        # Dropout masks seeded by (seed, step, micro-batch): the same masks on any number of processes, and after a
+        # resume.
+        torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + index)
+        last = j == len(mine) - 1
+        if deepspeed:  # the engine reduces, clips and steps after this backward only when sync_gradients is True
+            accelerator.sync_gradients = last
+        with nullcontext() if last or deepspeed else accelerator.no_sync(model):
+            nll_sum = model(build_batch(encoded, rows, 0).to(accelerator.device)) * weight  # pad id: never a target
+            # DDP averages over processes: undo it so the gradient is exactly that of sum(NLL) / total_tokens.
+            loss = nll_sum / total_tokens * world
+            if penalty is not None:
+                loss = loss + penalty[0]
+                orth, penalty = penalty[1].detach(), None
+            accelerator.backward(loss)
+        step_nll += nll_sum.detach()
+    return step_nll, orth
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers: flags, checks, batches, memory, O-LoRA, run records.
+
 def choose_preset(preset: str | None, given: dict) -> str | None:
     """--preset when given; else the demo preset on the built-in offline setup (the default model and the built-in
     tasks, whatever other flags are given: `--output-dir runs/x` or `--seed 1` stay a demo run); else none: the
@@ -194,18 +511,6 @@ def describe_preset(config: Config) -> str:
             f"-> {config.output_dir}")
 
 
-def check_lora_targets(model, lora_targets: str):
-    """Every --lora-targets name must match a module of the model (peft's rule: the module's name, or its last
-    dotted parts), checked as soon as the model is loaded, before the zero-shot evaluation."""
-    names = [name for name, _ in model.named_modules()]
-    missing = [t for t in lora_targets.split(",") if t and not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                           if isinstance(m, torch.nn.Linear) and "." in n})
-        raise SapoError(f"--lora-targets: the model has no module named {', '.join(missing)} (its linear layers: "
-                        f"{', '.join(suffixes)})")
-
-
 def check_model_context(model, config: Config):
     """The length limits against the model's context (tasks.models.check_context), as soon as its config is read."""
     check_context(model, [("--max-source-length + --max-target-length",
@@ -218,17 +523,6 @@ def training_recipe(config: Config) -> TrainingRecipe:
     """What a DeepSpeed launch must agree with (tasks.launch)."""
     return TrainingRecipe(max_grad_norm=config.max_grad_norm, schedule=config.schedule,
                           micro_batch_size=config.micro_batch_size, method=config.method)
-
-
-def check_batch_split(config: Config, world: int):
-    """The global batch is dealt to `world` processes in micro-batches: it must split evenly (checked as soon as the
-    process count is known, before any data or model is loaded)."""
-    if config.micro_batch_tokens:  # filled to a token budget: any global batch splits (zero-weight micro-batches pad)
-        return
-    per_step = config.micro_batch_size * world
-    if config.global_batch_size % per_step:
-        raise SapoError(f"--global-batch-size {config.global_batch_size} cannot be split into --micro-batch-size "
-                        f"{config.micro_batch_size} x {world} process(es): it must be a multiple of {per_step}")
 
 
 def parse_config(argv=None) -> tuple[Config, bool]:
@@ -274,56 +568,6 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     return config, args.overwrite
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Small helpers: the learning-rate schedule, batches that do not depend on the process count.
-
-def warmup_steps_of(config, total_steps: int) -> int:
-    """Warmup steps of a task: round(ratio x steps); warmup-log takes the authors' rule, ceil(ratio x steps)
-    (transformers' TrainingArguments.get_warmup_steps, which filled their WarmupLR's warmup_num_steps), at least 1."""
-    if config.schedule == "warmup-log":
-        return max(1, math.ceil(config.warmup_ratio * total_steps))
-    return max(1, round(config.warmup_ratio * total_steps))
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """The learning rate of 0-based optimizer step `step`, as a fraction of --lr.
-
-    cosine / linear / constant: linear warmup from 1/warmup_steps to the peak over warmup_steps, then cosine (or
-    linear) decay to 0 at total_steps, or the peak.
-    warmup-log: DeepSpeed's WarmupLR (deepspeed/runtime/lr_schedules.py, warmup_type "log", its default) with
-    warmup_min_lr 0, warmup_max_lr = --lr and warmup_num_steps = warmup_steps, as the authors' DeepSpeed config
-    ("auto" values, filled by transformers' Trainer) ran it. WarmupLR sets warmup_min_lr when it is built and the
-    engine steps it after every optimizer step, so optimizer step s uses its value at iteration s - 1:
-    0 for s = 0, then log(s) / log(W) for s <= W (W = max(2, warmup_steps), DeepSpeed's floor), then 1, constant:
-    the first two steps run at 0 (AdamW's moments still advance)."""
-    if schedule == "warmup-log":
-        iteration, w = step - 1, max(2, warmup_steps)
-        if iteration < 0:
-            return 0.0
-        return math.log(iteration + 1) / math.log(w) if iteration < w else 1.0
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def global_batches(num_instances: int, global_batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """Instance indices of every optimizer step: a seeded shuffle per epoch cut into global batches.
-
-    The batches depend only on the data and the seed, never on the number of processes (the original code's subsets
-    shrank with the GPU count); the last batch of an epoch may be smaller and is kept.
-    """
-    steps = []
-    for epoch in range(epochs):
-        order = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        steps += [order[i:i + global_batch_size] for i in range(0, num_instances, global_batch_size)]
-    return steps
-
-
 def micro_batches(encoded, batch: list[int], config, layout: str, rank: int, world: int):
     """This process's share of one global batch, as (index, tasks.train_batches.MicroBatch or None) pairs.
 
@@ -335,7 +579,57 @@ def micro_batches(encoded, batch: list[int], config, layout: str, rank: int, wor
     return my_micro_batches(plan, rank, world)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+class TrainingClock:
+    """A task's training seconds: this segment's wall time, plus `earlier` (the resumed segments'), minus the time
+    spent `paused` (re-selection, which is selection time)."""
+
+    def __init__(self):
+        self.start, self.earlier, self.excluded = time.perf_counter(), 0.0, 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.start - self.excluded
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+
+def encode_training_set(tokenizer, task, instruction, instances, config):
+    max_length = config.max_source_length + config.max_target_length
+    return [encode_task_example(tokenizer, task, instruction, inst, max_length)
+            for inst in instances]
+
+
+def make_reselector(run: Run, task: Task, chosen: TaskSelection, num_train: int, encode) -> Reselector | None:
+    """Ours, beyond the paper (--reselect-every, tasks/reselection.py): the task's re-selector, which re-scores the
+    shortlist of its first selection on held-out training instances with the run's scoring settings; None when off
+    or when there is nothing to choose from."""
+    config = run.config
+    if not (config.reselect_every and len(chosen.selection.candidates) > 1
+            and chosen.selection.method in ("sapo", "sapo-race")):
+        return None
+    shortlist = shortlist_of(chosen.selection, config.reselect_top)
+    held_out = reselection_instances(task, chosen.split, config)
+    chosen.reselect_instances = f"{chosen.split}[{config.train_instances}:{config.train_instances + len(held_out)}]"
+    total_steps = config.epochs * math.ceil(num_train / config.global_batch_size)
+
+    def score(model, instructions, instances):
+        return score_prompts.select_candidates(
+            model, run.tokenizer, task, instructions, instances, run.accelerator, method=config.select,
+            race_first=config.race_first, race_confidence=config.race_confidence,
+            token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
+            progress=False)
+
+    return Reselector(score, [c.instruction for c in shortlist], [c.index for c in shortlist], held_out,
+                      chosen.selection.instruction, config, encode, (total_steps - 1) // config.reselect_every,
+                      print_fn=run.accelerator.print)
+
+
 # O-LoRA: orthogonality between the new adapter's A and the earlier tasks' A matrices.
 
 def olora_penalty(peft_model, new: str, previous: list[str], lambda1: float, lambda2: float):
@@ -373,15 +667,6 @@ def olora_step_penalty(accelerator, model, name: str, previous: list[str], confi
     return penalty * accelerator.gradient_accumulation_steps, orth
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training one task.
-
-def encode_training_set(tokenizer, task, instruction, instances, config):
-    max_length = config.max_source_length + config.max_target_length
-    return [encode_task_example(tokenizer, task, instruction, inst, max_length)
-            for inst in instances]
-
-
 @dataclass
 class Training:
     """training.json: what training a task's adapter did (seconds summed over resumed segments)."""
@@ -396,341 +681,6 @@ class Training:
     peak_memory_bytes: int = 0  # the peak actually reached (see peak_memory)
     peak_memory: str = ""  # what peak_memory_bytes measures
 
-
-@dataclass
-class Reselection:
-    """One mid-task re-scoring of the shortlist on held-out instances (ours, beyond the paper)."""
-
-    step: int
-    candidates: list[int]  # pool indices of the shortlist, in scoring order
-    scores: list[float]  # their scores on the held-out instances, same order (racing: on the instances each reached)
-    current: int  # pool index of the instruction training used until this step
-    best: int  # pool index of the lowest score
-    lower_bound: float | None  # paired lower bound of (current - best) in NLL per token; None when best is current
-    z: float | None  # its standard-error multiplier; None = no switch possible (too few instances, confidence 1.0)
-    switched: bool  # lower_bound > 0: the best is confidently better, training goes on with it
-    selected_instruction: str  # the training instruction after this step
-    seconds: float
-
-
-class Reselector:
-    """Ours, beyond the paper (`--reselect-every`): state-adaptive re-selection during training.
-
-    Every `reselect_every` optimizer steps, the shortlist is scored with the weights being trained on HELD-OUT
-    instances: the training split's instances after the first --train-instances, which the adapter never fits, so
-    their loss is a pre-update loss of the current state (the instances being trained on are not). Training switches
-    to the lowest-loss candidate only when it is confidently better than the current one: racing's paired test
-    (tasks.racing.paired_lower_bound: per-instance NLL differences, one-sided Student-t lower bound above zero) at
-    --race-confidence, split (union bound) over every comparison the task can make, (shortlist - 1) per re-scoring
-    times the re-scorings planned. A difference below the noise (4.829 vs 4.832 on 8 instances) keeps the current
-    instruction. Every re-scoring is logged; its time counts as selection overhead."""
-
-    def __init__(self, accelerator, tokenizer, task, shortlist: list[str], shortlist_indices: list[int], instances,
-                 instruction: str, config, encode, rescorings: int):
-        self.accelerator, self.tokenizer, self.task = accelerator, tokenizer, task
-        self.shortlist, self.indices, self.instances = shortlist, list(shortlist_indices), instances
-        self.config, self.encode = config, encode
-        self.comparisons = max(1, (len(shortlist) - 1) * rescorings)
-        self.current, self.events = instruction, []
-
-    @property
-    def seconds(self) -> float:
-        return sum(e.seconds for e in self.events)
-
-    def __call__(self, model, step):
-        """Re-score with `model` (the transformers model, LoRA layers inside); new encoded data if switching."""
-        from tasks.racing import paired_lower_bound, race_z
-
-        config = self.config
-        result = score_prompts.select_candidates(
-            model, self.tokenizer, self.task, self.shortlist, self.instances, self.accelerator,
-            method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
-            token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
-            progress=False)
-        current, best = result.candidates[self.shortlist.index(self.current)], result.candidates[result.selected]
-        bound = z = None
-        n = min(current.num_instances_scored, best.num_instances_scored)  # racing: the instances both reached
-        if best is not current:
-            z = race_z(config.race_confidence, n, self.comparisons)
-            tokens_per_instance = sum(best.instance_counts[:n]) / n
-            if math.isfinite(z) and tokens_per_instance > 0:
-                bound = paired_lower_bound(current.instance_sums[:n], best.instance_sums[:n], tokens_per_instance, z)
-            else:
-                z = None
-        switched = bound is not None and bound > 0
-        if switched:
-            self.accelerator.print(f"  step {step}: switching the training instruction to {best.instruction[:80]!r} "
-                                   f"({current.score:.4f} -> {best.score:.4f}, lower bound {bound:.4f})")
-            self.current = best.instruction
-        self.events.append(Reselection(step=step, candidates=self.indices, scores=[c.score for c in result.candidates],
-                                       current=self.indices[current.index], best=self.indices[best.index],
-                                       lower_bound=bound, z=z, switched=switched, selected_instruction=self.current,
-                                       seconds=result.seconds))
-        return self.encode(self.current) if switched else None
-
-    def state(self) -> dict:
-        return {"instruction": self.current, "events": [dataclasses.asdict(e) for e in self.events]}
-
-    def restore(self, state: dict | None):
-        """Back to a checkpoint's state; the re-encoded training set when the instruction had been switched."""
-        if not state:
-            return None
-        self.events = list(state["events"])  # Reselection records (tasks.records built them)
-        if state["instruction"] == self.current:
-            return None
-        self.current = state["instruction"]
-        return self.encode(self.current)
-
-
-def train_task(accelerator, peft_model, name, previous, encoded, config, task_dir, progress, reselect=None):
-    """Train adapter `name` of `peft_model` on the encoded instances; resumable from task_dir/checkpoint.
-    Returns the trained peft model and a Training record (its seconds add up over resumed segments).
-
-    Each optimizer step's global batch is cut into micro-batches by tasks.train_batches (packed rows, filled up to
-    --micro-batch-tokens; a function of the batch and the budget, never of the process count) and each micro-batch's
-    summed response-token NLL comes from tasks.train_step.SupervisedNLL (the LM head on supervised rows only)."""
-    from contextlib import nullcontext
-
-    from accelerate.utils import DistributedType
-    from tqdm.auto import tqdm
-
-    segment_start = time.perf_counter()
-    # Under DeepSpeed (ZeRO 0-2; tasks.launch) the engine reduces, clips (its gradient_clipping = --max-grad-norm) and
-    # steps inside accelerator.backward whenever accelerator.sync_gradients is True: it is set True on a step's last
-    # micro-batch only, and the wrapped optimizer's step / zero_grad and clip_grad_norm_ do nothing.
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    net = peft_model.get_base_model()  # the transformers model, LoRA layers inside
-    if config.attention == "flex" and accelerator.device.type != "cuda":
-        raise SapoError("--attention flex trains on a CUDA GPU only: torch's FlexAttention has no backward on CPU")
-    attention_before = set_training_attention(net, config.attention) if config.attention != "sdpa" else None
-    layout = training_layout(net)
-    # Our own accumulation: a step's micro-batch count varies with its lengths; the gradient is synchronized once,
-    # after a process's last micro-batch (no_sync before), and the optimizer steps once per global batch.
-    accelerator.gradient_accumulation_steps = 1
-    steps = global_batches(len(encoded), config.global_batch_size, config.epochs, config.seed)
-    # The record: the most micro-batches a process runs in one step.
-    accumulation = max(len(micro_batches(encoded, b, config, layout, rank, world)) for b in steps)
-    total_steps = len(steps)
-    warmup_steps = warmup_steps_of(config, total_steps)
-    steps_per_epoch = math.ceil(len(encoded) / config.global_batch_size)
-    checkpoint_every = config.checkpoint_every or steps_per_epoch
-
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per process,
-    # which would make the schedule depend on the number of processes.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
-    # Ours: the step's peak memory estimated from the largest micro-batch (printed), and auto checkpointing from it.
-    step_module = SupervisedNLL(peft_model, layout)
-    tokens, width, head_rows = largest_micro_batch(
-        [micro_batches(encoded, b, config, layout, 0, 1) for b in steps], encoded, steps)
-    if lockstep(net):  # sharded (tasks/sharding.py): one process's probe forward cannot run alone; auto = on
-        estimate, checkpointing = None, config.gradient_checkpointing != "off"
-    else:
-        estimate = estimate_training_memory(step_module, net, tokens, width, accelerator.device, head_rows)
-        checkpointing = choose_checkpointing(config.gradient_checkpointing, estimate)
-    accelerator.print(f"{estimate.describe() if estimate else 'sharded: no memory estimate'}: gradient "
-                      f"checkpointing {'on' if checkpointing else 'off'} (--gradient-checkpointing "
-                      f"{config.gradient_checkpointing})")
-    if checkpointing:
-        set_gradient_checkpointing(net, True)
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
-    # The whole loss computation is one module, so that DDP (which only reduces gradients of a backward that follows
-    # a forward through its wrapper) sees it.
-    model, optimizer = prepare_for_training(accelerator, step_module, optimizer, net)  # tasks/sharding.py
-
-    checkpoint = task_dir / "checkpoint"
-    log_path = task_dir / "train_log.jsonl"
-    start_step, earlier_seconds = 0, 0.0
-    recover_checkpoint(accelerator, checkpoint)
-    if (checkpoint / "sapo_step.json").exists():
-        check_checkpoint_format(checkpoint, deepspeed, task_dir.name)
-        saved = read_record(checkpoint / "sapo_step.json", CheckpointStep,
-                            advice=f"delete {checkpoint} to train the task again from its start")
-        check_checkpoint_keys(model, checkpoint)
-        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
-        start_step, earlier_seconds = saved.step, saved.seconds
-        if reselect is not None:
-            encoded = reselect.restore(saved.reselector) or encoded
-        for _ in range(start_step):  # the schedule is a function of the step alone: replay it
-            scheduler.step()
-        accelerator.print(f"resuming training of {task_dir.name} at step {start_step}/{total_steps}")
-    if accelerator.is_main_process:  # the log holds each step once: drop what an interrupted segment wrote after
-        kept = log_path.read_text().splitlines()[:start_step] if log_path.exists() else []  # its last checkpoint
-        log_path.write_text("".join(line + "\n" for line in kept))
-
-    reselect_before = reselect.seconds if reselect else 0.0  # re-selection time is not training time
-
-    pad_id = 0  # padding sees only padding and is never a target: its id does not matter
-    model.train()
-    bar = tqdm(range(start_step, total_steps), desc=f"train {task_dir.name}", disable=not progress,
-               initial=start_step, total=total_steps)
-    for step in bar:
-        batch = steps[step]
-        # Token-weighted mean over the whole global batch: every micro-batch's summed NLL is divided by the number
-        # of response tokens of the global batch (all processes, all micro-batches), known before the step.
-        total_tokens = supervised_tokens(encoded, batch)
-        step_nll = torch.zeros((), device=accelerator.device)
-        penalty_value = torch.zeros((), device=accelerator.device)
-        step_penalty = olora_step_penalty(accelerator, model, name, previous, config) \
-            if config.method == "o-lora" else None  # added to this process's first micro-batch only
-        mine = micro_batches(encoded, batch, config, layout, rank, world)  # `encoded` changes if re-selection switches
-        for j, (index, micro) in enumerate(mine):
-            weight = 1.0 if micro else 0.0
-            # A process without a micro-batch left runs one real sequence at zero weight: the same backward passes.
-            rows = [[batch[p] for p in row] for row in micro.rows] if micro else [[batch[0]]]
-            # Dropout masks seeded by (seed, step, micro-batch): the same masks on any number of processes, and
-            # after a resume.
-            torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + index)
-            last = j == len(mine) - 1
-            if deepspeed:
-                accelerator.sync_gradients = last  # the engine steps after this backward only when True
-            with nullcontext() if last or deepspeed else accelerator.no_sync(model):
-                nll_sum = model(build_batch(encoded, rows, pad_id).to(accelerator.device)) * weight
-                # DDP averages over processes: undo it so the gradient is exactly that of sum(NLL) / total_tokens.
-                loss = nll_sum / total_tokens * world
-                if step_penalty is not None:
-                    loss = loss + step_penalty[0]
-                    penalty_value, step_penalty = step_penalty[1].detach(), None
-                accelerator.backward(loss)
-            step_nll += nll_sum.detach()
-        if not deepspeed:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        check_finite_step(accelerator, task_dir.name, step + 1, total_steps, step_nll, total_tokens, penalty_value, lr,
-                          trainable, checkpoint)  # a diverged step stops here, on every process: nothing saved
-        scheduler.step()
-        step_loss = accelerator.reduce(step_nll, reduction="sum").item() / total_tokens
-        log_line = {"step": step + 1, "loss": step_loss, "lr": lr}
-        if config.method == "o-lora":
-            log_line["olora_orth"] = penalty_value.item()
-        accelerator.log({f"{task_dir.name}/{k}": v for k, v in log_line.items() if k != "step"}, step=step + 1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(strict_json(log_line, log_path) + "\n")
-        if reselect is not None and (step + 1) % config.reselect_every == 0 and step + 1 < total_steps:
-            # Ours, beyond the paper: re-score against the weights being trained; its time is selection overhead.
-            encoded = reselect(net, step + 1) or encoded
-        if (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            seconds = earlier_seconds + time.perf_counter() - segment_start - \
-                ((reselect.seconds - reselect_before) if reselect else 0.0)
-            extra = {"seconds": seconds, "reselector": reselect.state() if reselect else None}
-            save_checkpoint(accelerator, checkpoint, step + 1, extra)
-    bar.close()
-    model.eval()
-    if checkpointing:
-        set_gradient_checkpointing(net, False)
-    if attention_before is not None:
-        net.set_attn_implementation(attention_before)  # scoring and generation keep their own attention
-    peak, peak_kind = peak_memory_reached(accelerator.device)
-    accelerator.wait_for_everyone()
-    end_training(accelerator, net)  # accelerate's references dropped (ZeRO-3: inference hooks back on `net`)
-    segment_reselect = (reselect.seconds - reselect_before) if reselect else 0.0
-    return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
-                                seconds=earlier_seconds + time.perf_counter() - segment_start - segment_reselect,
-                                reselection_seconds=reselect.seconds if reselect else 0.0,
-                                gradient_checkpointing="on" if checkpointing else "off",
-                                estimated_peak_bytes=estimate.peak(checkpointing) if estimate else 0,
-                                peak_memory_bytes=peak, peak_memory=peak_kind)
-
-
-def check_checkpoint_format(checkpoint: Path, deepspeed: bool, task: str):
-    """A DeepSpeed launch writes the engine's own checkpoint (a pytorch_model/ folder of per-process partitions), any
-    other launch a model.safetensors: a resume under the other kind of launch would fail inside the loader."""
-    by_deepspeed = (checkpoint / "pytorch_model").is_dir()
-    if by_deepspeed != deepspeed:
-        written = "a DeepSpeed" if by_deepspeed else "a non-DeepSpeed"
-        raise SapoError(f"{checkpoint} was written by {written} launch: resume with the same launch, or delete it to "
-                        f"train {task} again from its start")
-
-
-def check_checkpoint_keys(model, checkpoint: Path):
-    """load_state(strict=False) skips every key it does not know: a checkpoint whose weights are named otherwise (one
-    written before the training forward became tasks.train_step.SupervisedNLL, whose names start with "model.") would
-    resume at its step with untrained adapter weights. Refuse it instead."""
-    saved_file = checkpoint / "model.safetensors"
-    if not saved_file.exists():
-        return
-    from safetensors import safe_open
-
-    with safe_open(str(saved_file), framework="pt") as f:
-        saved = set(f.keys())
-    net = getattr(model, "module", model)  # under DDP the names gain "module.", which the saved ones do not have
-    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    if trainable and not trainable & saved:
-        raise SapoError(f"{saved_file} holds none of the weights being trained (written by another version of "
-                        f"train_sapo.py?); delete {checkpoint} to train this task again from its start")
-
-
-def save_adapter(peft_model, name: str, adapter_dir: Path, state_dict=None):
-    """Save one adapter so that stock `PeftModel.from_pretrained(base, adapter_dir)` loads it. Sharded weights:
-    pass their gathered tensors (tasks.sharding.adapter_state_dict)."""
-    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(tmp):
-        peft_model.save_pretrained(str(tmp), selected_adapters=[name], state_dict=state_dict)
-    saved = tmp / name if (tmp / name / "adapter_config.json").exists() else tmp  # peft nests non-default names
-    os.replace(saved, adapter_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(adapter_dir.parent / "checkpoint", ignore_errors=True)
-
-
-def keep_trainable_weights(models, weights, output_dir):
-    """save_state hook: checkpoint only the parameters being trained (the new adapter), not the frozen base model;
-    load_state(strict=False) puts them back. A checkpoint of an 8B model is then megabytes, not 16 GB. (DeepSpeed saves
-    its engines itself and passes no weights: save_checkpoint asks it to leave out the frozen ones.)"""
-    for i, model in enumerate(models[:len(weights)]):
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
-
-
-def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
-    """save_state into a fresh folder, then swap it in: a crash mid-save keeps the previous checkpoint. Under
-    DeepSpeed every process writes its own partition, the frozen base left out."""
-    from accelerate.utils import DistributedType
-
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    with writing(tmp):  # a full disk: one line naming the folder (torch's own message names neither)
-        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        step_file = tmp / "sapo_step.json"  # written last: tmp is complete
-        step_file.write_text(strict_json({"step": step, **(extra or {})}, step_file))
-        # Renames only: `checkpoint` is always complete or absent (deleting it first left a window with neither).
-        old = checkpoint.with_name(checkpoint.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if checkpoint.exists():
-            os.replace(checkpoint, old)
-        os.replace(tmp, checkpoint)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def recover_checkpoint(accelerator, checkpoint: Path):
-    """After a kill inside save_checkpoint's swap: no `checkpoint`, but a complete new one (.tmp) or the previous one
-    (.old) next to it. Put the newest complete one back."""
-    if accelerator.is_main_process and not checkpoint.exists():
-        for suffix in (".tmp", ".old"):
-            candidate = checkpoint.with_name(checkpoint.name + suffix)
-            if (candidate / "sapo_step.json").exists():
-                os.replace(candidate, checkpoint)
-                break
-    accelerator.wait_for_everyone()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The run: what every step reads, and the model state it advances.
 
 @dataclass
 class Run:
@@ -818,22 +768,6 @@ class Row:
     seconds: float
 
 
-class ReselectorState(TypedDict):
-    """A checkpoint's re-selection state (Reselector.state)."""
-
-    instruction: str
-    events: list[Reselection]
-
-
-@dataclass
-class CheckpointStep:
-    """A training checkpoint's sapo_step.json: the optimizer steps done, and what the resumed segment needs."""
-
-    step: int
-    seconds: float = 0.0  # training seconds of the segments before
-    reselector: ReselectorState | None = None  # ours: re-selection's state (Reselector.state)
-
-
 def redo_advice(task_dir: Path) -> str:
     """What to do about a damaged record of a task (its selection or training)."""
     return f"restore it, or delete {task_dir} and every later task folder to redo them"
@@ -841,37 +775,12 @@ def redo_advice(task_dir: Path) -> str:
 
 def run_key(config: Config, tasks: list[Task], base_path: str, base_adapters: list[str]) -> RunKey:
     """What this run's results are made from: config values, each task's data and candidate pool, the model."""
-    pools = {} if config.select == "original" or config.generate else \
-        {t.name: pool_hash(config.pool_source().build(t)) for t in tasks if t.instruction.strip()}
+    pools = ({} if config.select == "original" or config.generate else
+             {t.name: pool_hash(config.pool_source().build(t)) for t in tasks if t.instruction.strip()})
     return RunKey(config={k: v for k, v in dataclasses.asdict(config).items()
                           if k not in RESUME_FREE and k not in INPUT_PATHS},
                   tasks=[[t.name, t.content_hash()] for t in tasks], pools=pools,
                   model=model_state_id(base_path, base_adapters), model_name=config.model)
-
-
-def prepare_run_dir(config: Config, key: RunKey, overwrite: bool, accelerator) -> Path:
-    """Lock the run dir (only the main process locks: one launch is one run), and check that what it holds was made
-    from the same config, data, pools and model (then the run resumes). Every process gets the main process's
-    verdict, so a refusal ends all of them with the same line."""
-    from accelerate.utils import broadcast_object_list
-
-    run_dir = Path(config.output_dir)
-    outcome = [None]
-    if accelerator.is_main_process:
-        try:
-            outcome = [("ok", open_run_dir(run_dir, dataclasses.asdict(config), key, overwrite))]
-        except SapoError as e:
-            outcome = [("error", str(e))]
-        except OSError as e:  # a read-only or unwritable place, a file in the way: one line naming the path
-            outcome = [("error", describe_os_error(e))]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(outcome)
-    verdict, message = outcome[0]
-    if verdict == "error":
-        raise SapoError(message)
-    if message:
-        accelerator.print(message)
-    return run_dir
 
 
 def training_split(task, config) -> str:
@@ -900,149 +809,6 @@ def load_tasks(config: Config, accelerator) -> list[Task]:
             reselection_instances(task, split, config)  # enough held-out instances, checked now
     return tasks
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The three steps of a task. Each loads its result when it is already on disk, else computes and saves it.
-
-def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) -> TaskSelection:
-    """1. The training instruction of `task`, chosen against the CURRENT state (base + every adapter so far, as
-    trained): the candidate with the lowest pre-update loss on the first score_instances training instances."""
-    done = read_json(task_dir / "selection.json", default=None, advice=redo_advice(task_dir))
-    # Every process looks before the main one may write: an unscored pick (original, fixed:K) is written at once, and
-    # a process that found it already written would skip the barrier the others wait in (a hang with 2 processes).
-    run.accelerator.wait_for_everyone()
-    if done is not None:
-        return TaskSelection.from_json(done, task_dir / "selection.json")
-    config, split = run.config, training_split(task, run.config)
-    note = ""
-    if not task.instruction.strip():  # e.g. TRACE's Py150: nothing to paraphrase, trained as is (as the authors do)
-        selection = score_prompts.Selection.unscored(task.name, "none", [task.instruction], 0)
-        note = "empty instruction: nothing to paraphrase, trained without selection"
-    elif config.select == "original":
-        selection = score_prompts.Selection.unscored(task.name, "original", [task.instruction], 0)
-    else:
-        state_id = state.state_id(run)
-        pool = config.pool_source().build(task, accelerator=run.accelerator, model=state.model,
-                                          tokenizer=run.tokenizer, state_id=state_id,
-                                          cache_path=run.run_dir / "paraphrases.json")
-        fixed = config.fixed_candidate()
-        if fixed is not None:  # one arm of the paper's analysis: train with candidate K, whatever its score
-            if fixed >= len(pool):
-                raise SapoError(f"--select {config.select}: task {task.name} has {len(pool)} candidates")
-            selection = score_prompts.Selection.unscored(task.name, config.select, pool, fixed)
-        elif len(pool) == 1:
-            selection = score_prompts.Selection.unscored(task.name, config.select, pool, 0)
-        else:
-            selection = score_prompts.select_candidates(
-                state.model, run.tokenizer, task, pool, task.split(split)[:config.score_instances], run.accelerator,
-                method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
-                token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
-                cache_path=task_dir / "score_cache.json", state_id=state_id, progress=run.progress)
-    chosen = TaskSelection(select=config.select, split=split, original=task.instruction, selection=selection,
-                           note=note, dtype=str(state.model.dtype))
-    run.save(task_dir / "selection.json", chosen.to_json())
-    return chosen
-
-
-def reselection_instances(task: Task, split: str, config: Config):
-    """Ours: the held-out instances mid-task re-selection scores on: up to --score-instances of the training split
-    after the first --train-instances (the ones training never sees)."""
-    held_out = task.split(split)[config.train_instances:config.train_instances + config.score_instances]
-    if len(held_out) < 2:
-        raise SapoError(f"--reselect-every scores on the {split} instances after the first --train-instances "
-                        f"{config.train_instances}; task {task.name} has {len(task.split(split))}, leaving "
-                        f"{len(held_out)} (2 or more needed): lower --train-instances")
-    return held_out
-
-
-def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskSelection, task_dir: Path) -> Training:
-    """2. A new LoRA for `task` trained with the chosen instruction (seq-lora: the one LoRA, continued), earlier
-    adapters frozen and active. Advances `state` to base + every adapter up to this task."""
-    from peft import LoraConfig, get_peft_model
-
-    config, accelerator = run.config, run.accelerator
-    adapter_dir = task_dir / "adapter"
-    seq = config.method == "seq-lora"
-    previous = [] if seq else [adapter_name(i) for i in range(len(state.adapter_dirs))]
-    name = adapter_name(0) if seq else adapter_name(len(state.adapter_dirs))
-    if (adapter_dir / "adapter_config.json").exists():  # trained by an earlier process: load it as saved
-        training = read_record(task_dir / "training.json", Training, advice=redo_advice(task_dir))
-        if state.peft_model is None or seq:
-            base = state.peft_model.unload() if state.peft_model is not None else state.model
-            state.peft_model = stack_adapters(base, [str(adapter_dir)])
-        else:
-            state.peft_model.load_adapter(str(adapter_dir), adapter_name=name)
-    else:
-        # Seeded per task, so a run resumed at any task initialises and drops out exactly as an uninterrupted one.
-        from accelerate.utils import set_seed
-
-        set_seed(config.seed + k)
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
-        if state.peft_model is None:
-            state.peft_model = get_peft_model(state.model, lora, adapter_name=name)
-        elif name not in state.peft_model.peft_config:
-            state.peft_model.add_adapter(name, lora)
-        activate_adapters(state.peft_model, previous + [name], trainable=name)
-        train_instances = task.split(chosen.split)[:config.train_instances]
-        encode = lambda text: encode_training_set(run.tokenizer, task, text, train_instances, config)  # noqa: E731
-        reselect = None
-        if config.reselect_every and len(chosen.selection.candidates) > 1 and chosen.selection.method in (
-                "sapo", "sapo-race"):
-            # Ours, beyond the paper. Racing: the candidates that lasted longest first (their scores cover more
-            # instances). Scored on held-out training instances, never on the ones being trained on.
-            ranked = sorted(chosen.selection.candidates,
-                            key=lambda c: (-c.num_instances_scored, c.score, c.index))[:config.reselect_top or None]
-            held_out = reselection_instances(task, chosen.split, config)
-            rescorings = (config.epochs * math.ceil(len(train_instances) / config.global_batch_size) - 1) \
-                // config.reselect_every
-            reselect = Reselector(accelerator, run.tokenizer, task, [c.instruction for c in ranked],
-                                  [c.index for c in ranked], held_out, chosen.selection.instruction, config, encode,
-                                  rescorings)
-            chosen.reselect_instances = f"{chosen.split}[{config.train_instances}:" \
-                                        f"{config.train_instances + len(held_out)}]"
-        state.peft_model, training = train_task(accelerator, state.peft_model, name, previous,
-                                                encode(chosen.selection.instruction), config, task_dir, run.progress,
-                                                reselect)
-        if reselect is not None:
-            chosen.reselections, chosen.final_instruction = reselect.events, reselect.current
-            run.save(task_dir / "selection.json", chosen.to_json())
-        # training.json first: an adapter on disk always has its record (a kill in between retrains the task).
-        run.save(task_dir / "training.json", dataclasses.asdict(training))
-        # Sharded weights are gathered first, by every process (tasks/sharding.py)
-        weights = adapter_state_dict(state.peft_model, name) if lockstep(state.model) else None
-        if accelerator.is_main_process:
-            save_adapter(state.peft_model, name, adapter_dir, state_dict=weights)
-        accelerator.wait_for_everyone()
-    state.adapter_dirs = [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)]
-    activate_adapters(state.peft_model, previous + [name], trainable=None)
-    state.model = state.peft_model.get_base_model().eval()  # the transformers model with every LoRA layer inside
-    return training
-
-
-def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instructions: dict[str, str]) -> Row:
-    """3. One row of R: every task of the sequence evaluated with the current state (greedy generation), each with
-    its instruction in `instructions`."""
-    done = read_record(row_dir / "scores.json", Row, default=None, advice="delete it to evaluate that row again")
-    if done is not None:
-        return done
-    config = run.config
-    start = time.perf_counter()
-    scores = {}
-    for task in run.tasks:
-        scores[task.name] = evaluate.evaluate_task(
-            state.model, run.tokenizer, task, instructions[task.name], run.accelerator, split=config.eval_split,
-            max_instances=config.eval_instances, batch_size=config.eval_batch_size,
-            max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_source_length,
-            predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress,
-            token_budget=config.eval_token_budget or "auto", compile=config.eval_compile)  # adapters folded into one
-    row = Row(row=label, scores=scores, seconds=time.perf_counter() - start)
-    run.save(row_dir / "scores.json", dataclasses.asdict(row))
-    return row
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Run records: R, timings, the adapter stack of each state.
 
 def write_results(run: Run, rows: list[Row], timings: dict):
     """R.json (+ the report: metrics.json, R.csv, R.png) and timings.json, rewritten after every row."""
@@ -1093,67 +859,6 @@ def print_summary(run: Run, rows: list[Row], timings: dict):
     if overhead:
         print(f"selection overhead: {sum(overhead) / len(overhead):.1f}% of training time (mean over tasks)")
     print(f"results: {run.run_dir.resolve()}  (R.json, metrics.json, timings.json, per-task folders)")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The loop.
-
-@cli_main
-def main(argv=None):
-    config, overwrite = parse_config(argv)
-    launch = check_launch("train_sapo.py", training=training_recipe(config))  # before the Accelerator is built
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    accelerator = Accelerator(log_with=config.report_to, project_dir=config.output_dir, **accelerator_kwargs(launch))
-    launch = check_accelerator(accelerator, "train_sapo.py", training_recipe(config),
-                               resolve_dtype(config.dtype, accelerator.device))  # as built, before any model loads
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    accelerator.print(describe_preset(config))
-    if launch.engine == "deepspeed":
-        accelerator.print(f"launch: {launch.describe()}")
-    check_batch_split(config, accelerator.num_processes)
-    set_seed(config.seed)
-    tasks = load_tasks(config, accelerator)  # data first: a bad task name or pool fails before any model loads
-    base_path, base_adapters = resolve(config.model)
-    run_dir = prepare_run_dir(config, run_key(config, tasks, base_path, base_adapters), overwrite, accelerator)
-    if config.report_to:
-        accelerator.init_trackers("sapo", config={k: v for k, v in dataclasses.asdict(config).items()
-                                                  if isinstance(v, (int, float, str, bool))})
-    run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
-    check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
-    # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
-    state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
-        accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
-    state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
-    check_lora_targets(state.model, config.lora_targets)
-    check_model_context(state.model, config)
-    if config.fused_ops != "none":  # ours: for selection, training and generation alike
-        accelerator.print(f"--fused-ops {config.fused_ops}: " + ", ".join(apply_fused_ops(state.model,
-                                                                                          config.fused_ops)))
-
-    # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
-    originals = {t.name: t.instruction for t in tasks}
-    rows = [evaluate_row(run, state, run_dir / "0-zero-shot", "zero-shot", originals)]
-    write_results(run, rows, {})
-    trained_with, timings = {}, {}  # task name -> the instruction its adapter was trained with
-    for k, task in enumerate(tasks):
-        task_dir = run.task_dir(k, task)
-        chosen = select_instruction(run, state, task, task_dir)
-        accelerator.print(f"[{k + 1}/{len(tasks)}] {task.name}: training with candidate {chosen.selection.selected} "
-                          f"of {len(chosen.selection.candidates)}: {chosen.selection.instruction[:90]!r}"
-                          + (f" ({chosen.note})" if chosen.note else ""))
-        training = train_adapter(run, state, k, task, chosen, task_dir)
-        trained_with[task.name] = chosen.trained_with
-        save_stack(run, state, task_dir, trained_with)
-        # Trained tasks are evaluated with their training instruction (or the original, by choice); untrained ones
-        # with the original.
-        instructions = {**originals, **(trained_with if config.eval_prompt == "selected" else {})}
-        rows.append(evaluate_row(run, state, task_dir, f"after {task.name}", instructions))
-        timings[task.name] = task_timings(chosen, training, rows[-1])
-        write_results(run, rows, timings)
-    print_summary(run, rows, timings)
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -161,3 +161,26 @@ def largest_micro_batch(plans, encoded, steps) -> tuple[int, int, int]:
             tokens, width = max(tokens, micro.tokens), max(width, micro.width)
             head_rows = max(head_rows, supervised_tokens(encoded, [batch[p] for row in micro.rows for p in row]))
     return tokens, width, head_rows
+
+
+def plan_training_memory(accelerator, step_module, net, plans, encoded, steps, mode: str):
+    """A task's training memory, before its first step: the peak estimated from its largest micro-batch (`plans[s]`:
+    this process's (index, MicroBatch) pairs of step s, planned for one process), printed; gradient checkpointing
+    chosen from it (`mode` on | off | auto) and switched on; the CUDA peak counter reset, for training.json's peak.
+    Returns (the estimate, or None when the model is sharded, and whether checkpointing is on)."""
+    from tasks.sharding import lockstep
+    from tasks.train_step import set_gradient_checkpointing
+
+    tokens, width, head_rows = largest_micro_batch(plans, encoded, steps)
+    if lockstep(net):  # sharded (tasks/sharding.py): one process's probe forward cannot run alone; auto = on
+        estimate, checkpointing = None, mode != "off"
+    else:
+        estimate = estimate_training_memory(step_module, net, tokens, width, accelerator.device, head_rows)
+        checkpointing = choose_checkpointing(mode, estimate)
+    accelerator.print(f"{estimate.describe() if estimate else 'sharded: no memory estimate'}: gradient "
+                      f"checkpointing {'on' if checkpointing else 'off'} (--gradient-checkpointing {mode})")
+    if checkpointing:
+        set_gradient_checkpointing(net, True)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    return estimate, checkpointing

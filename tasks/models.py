@@ -273,3 +273,17 @@ def activate_adapters(peft_model, names: list[str], trainable: str | None):
     peft_model.base_model.set_adapter(names)  # LoraModel.set_adapter takes a list; it marks them all trainable
     for param_name, param in peft_model.named_parameters():
         param.requires_grad = trainable is not None and f".{trainable}." in param_name
+
+
+def check_lora_targets(model, lora_targets: str):
+    """Every --lora-targets name must match a module of the model (peft's rule: the module's name, or its last
+    dotted parts), checked as soon as the model is loaded, before the zero-shot evaluation."""
+    import torch
+
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in lora_targets.split(",") if t and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                           if isinstance(m, torch.nn.Linear) and "." in n})
+        raise SapoError(f"--lora-targets: the model has no module named {', '.join(missing)} (its linear layers: "
+                        f"{', '.join(suffixes)})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from tasks.errors import SapoError, release_at_main_exit, writing, writing_under
+from tasks.errors import SapoError, describe_os_error, release_at_main_exit, writing, writing_under
 from tasks.loaders import read_json, write_json
 from tasks.records import from_record
 
@@ -140,6 +140,29 @@ def open_run_dir(run_dir: Path, config: dict, key: RunKey, overwrite: bool) -> s
     with writing(run_dir / CONFIG_FILE):
         write_json(run_dir / CONFIG_FILE, {**config, KEY_FIELD: key.to_json()})
     return note
+
+
+def open_run_dir_on_every_process(run_dir: Path, config: dict, key: RunKey, overwrite: bool, accelerator) -> Path:
+    """open_run_dir by the main process only (it takes the lock: one launch is one run); every process gets its
+    verdict, so a refusal ends all of them with the same line."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [("ok", open_run_dir(run_dir, config, key, overwrite))]
+        except SapoError as e:
+            outcome = [("error", str(e))]
+        except OSError as e:  # a read-only or unwritable place, a file in the way: one line naming the path
+            outcome = [("error", describe_os_error(e))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    verdict, message = outcome[0]
+    if verdict == "error":
+        raise SapoError(message)
+    if message:
+        accelerator.print(message)
+    return run_dir
 
 
 class SavedKey(TypedDict):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tasks.errors import SapoError
 from tasks.prompts import IGNORE_INDEX
 
 LAYOUTS = ("packed", "varlen", "padded")
@@ -170,3 +171,28 @@ def build_batch(encoded, rows: list[list[int]], pad_id: int) -> TrainingBatch:
 def supervised_tokens(encoded, indices) -> int:
     """Response tokens of these sequences that the loss counts (label != IGNORE_INDEX at positions j > 0)."""
     return sum(sum(t != IGNORE_INDEX for t in encoded[i].labels[1:]) for i in indices)
+
+
+def global_batches(num_instances: int, global_batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Instance indices of every optimizer step: a seeded shuffle per epoch cut into global batches.
+
+    The batches depend only on the data and the seed, never on the number of processes (the original code's subsets
+    shrank with the GPU count); the last batch of an epoch may be smaller and is kept.
+    """
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        steps += [order[i:i + global_batch_size] for i in range(0, num_instances, global_batch_size)]
+    return steps
+
+
+def check_batch_split(config, world: int):
+    """The global batch (`config.global_batch_size`) is dealt to `world` processes in micro-batches of
+    `config.micro_batch_size`: it must split evenly (checked as soon as the process count is known, before any data
+    or model is loaded)."""
+    if config.micro_batch_tokens:  # filled to a token budget: any global batch splits (zero-weight micro-batches pad)
+        return
+    per_step = config.micro_batch_size * world
+    if config.global_batch_size % per_step:
+        raise SapoError(f"--global-batch-size {config.global_batch_size} cannot be split into --micro-batch-size "
+                        f"{config.micro_batch_size} x {world} process(es): it must be a multiple of {per_step}")

@@ -10,6 +10,7 @@ import score_prompts
 import train_sapo
 from tasks.loaders import load_task
 from tasks.models import activate_adapters
+from tasks.reselection import Reselector
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -178,23 +179,19 @@ def crafted_selection(per_instance: dict[int, list[float]], counts: list[int]):
                                    candidates=candidates)
 
 
-def reselector_over(per_instance, counts, monkeypatch, current=0, rescorings=1):
-    from accelerate import Accelerator
-
-    monkeypatch.setattr(score_prompts, "select_candidates",
-                        lambda *args, **kwargs: crafted_selection(per_instance, counts))
+def reselector_over(per_instance, counts, current=0, rescorings=1):
     shortlist = [f"instruction {c}" for c in sorted(per_instance)]
-    return train_sapo.Reselector(Accelerator(), None, None, shortlist, [7, 3, 11][:len(shortlist)], [None] * 8,
-                                 shortlist[current], train_sapo.Config(race_confidence=0.95),
-                                 lambda text: ["encoded: " + text], rescorings)
+    return Reselector(lambda *args: crafted_selection(per_instance, counts), shortlist, [7, 3, 11][:len(shortlist)],
+                      [None] * 8, shortlist[current], train_sapo.Config(race_confidence=0.95),
+                      lambda text: ["encoded: " + text], rescorings)
 
 
-def test_reselection_keeps_the_instruction_on_a_difference_below_the_noise(monkeypatch):
+def test_reselection_keeps_the_instruction_on_a_difference_below_the_noise():
     counts = [4] * 8
     noise = [0.9, -1.1, 0.4, -0.2, 1.3, -0.8, 0.1, -0.6]  # per-instance sums: +-0.3 NLL per token
     current = [4 * 4.832 + e for e in noise]
     other = [4 * 4.829 + e + d for e, d in zip(noise, [0.5, -0.4, 0.3, -0.6, 0.2, 0.1, -0.3, 0.2])]
-    reselect = reselector_over({0: current, 1: other}, counts, monkeypatch)
+    reselect = reselector_over({0: current, 1: other}, counts)
     assert reselect(None, 5) is None and reselect.current == "instruction 0"
     event = reselect.events[0]
     assert event.best == 3 and event.current == 7 and not event.switched  # pool indices, not shortlist positions
@@ -205,7 +202,7 @@ def test_reselection_keeps_the_instruction_on_a_difference_below_the_noise(monke
     assert event.lower_bound == pytest.approx(mean - T_95_DOF_7 * sd / 8 ** 0.5, rel=1e-6) and event.lower_bound < 0
 
 
-def test_reselection_switches_when_the_best_is_confidently_better(monkeypatch):
+def test_reselection_switches_when_the_best_is_confidently_better():
     counts = [4] * 8
     noise = [0.9, -1.1, 0.4, -0.2, 1.3, -0.8, 0.1, -0.6]
     current = [4 * 4.8 + e for e in noise]
@@ -214,7 +211,7 @@ def test_reselection_switches_when_the_best_is_confidently_better(monkeypatch):
     # Three candidates, two re-scorings planned: 2 x 2 comparisons share the 5% (t at 1 - 0.05/4).
     from tasks.racing import student_t_quantile
 
-    reselect = reselector_over({0: current, 1: better, 2: worse}, counts, monkeypatch, rescorings=2)
+    reselect = reselector_over({0: current, 1: better, 2: worse}, counts, rescorings=2)
     assert reselect(None, 4) == ["encoded: instruction 1"] and reselect.current == "instruction 1"
     event = reselect.events[0]
     assert (event.current, event.best, event.switched) == (7, 3, True)
@@ -246,8 +243,14 @@ def test_reselector_on_a_real_scorer_tests_the_scored_per_instance_sums():
     scored = score_prompts.score_candidates(model, tok, task, shortlist, held_out, progress=False).candidates
     worst = max(range(3), key=lambda c: scored[c].score)
     best = min(range(3), key=lambda c: scored[c].score)
-    reselect = train_sapo.Reselector(Accelerator(), tok, task, shortlist, [0, 5, 9], held_out, shortlist[worst],
-                                     config, lambda text: ["encoded: " + text], rescorings=1)
+    def score(model, instructions, instances):  # as train_sapo.make_reselector binds it
+        return score_prompts.select_candidates(model, tok, task, instructions, instances, Accelerator(),
+                                               method="sapo", token_budget=config.score_token_budget,
+                                               max_length=config.max_source_length + config.max_target_length,
+                                               progress=False)
+
+    reselect = Reselector(score, shortlist, [0, 5, 9], held_out, shortlist[worst], config,
+                          lambda text: ["encoded: " + text], rescorings=1)
     switched = reselect(model, 2) is not None
     event = reselect.events[0]
     assert event.scores == pytest.approx([c.score for c in scored], rel=1e-6)

@@ -14,6 +14,7 @@ import probe_prompts
 import score_prompts
 import train_sapo
 from tasks import SapoError
+from tasks import checkpoints
 from tasks.launch import TrainingRecipe, check_launch, read_launch
 
 RECIPE = TrainingRecipe(max_grad_norm=1.0, schedule="warmup-log", micro_batch_size=8)
@@ -256,10 +257,10 @@ def test_a_checkpoint_is_resumed_only_by_the_kind_of_launch_that_wrote_it(tmp_pa
     plain_checkpoint = tmp_path / "ddp" / "checkpoint"
     plain_checkpoint.mkdir(parents=True)
     (plain_checkpoint / "model.safetensors").write_bytes(b"")
-    train_sapo.check_checkpoint_format(deepspeed_checkpoint, True, "1-sentiment")
-    train_sapo.check_checkpoint_format(plain_checkpoint, False, "1-sentiment")
+    checkpoints.check_checkpoint_format(deepspeed_checkpoint, True, "1-sentiment")
+    checkpoints.check_checkpoint_format(plain_checkpoint, False, "1-sentiment")
     with pytest.raises(SapoError, match=f"{deepspeed_checkpoint} was written by a DeepSpeed launch: resume with the "
                                         "same launch, or delete it to train 1-sentiment again"):
-        train_sapo.check_checkpoint_format(deepspeed_checkpoint, False, "1-sentiment")
+        checkpoints.check_checkpoint_format(deepspeed_checkpoint, False, "1-sentiment")
     with pytest.raises(SapoError, match="was written by a non-DeepSpeed launch"):
-        train_sapo.check_checkpoint_format(plain_checkpoint, True, "1-sentiment")
+        checkpoints.check_checkpoint_format(plain_checkpoint, True, "1-sentiment")

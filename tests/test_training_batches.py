@@ -210,14 +210,14 @@ def test_a_checkpoint_with_other_weight_names_is_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
-    import train_sapo
     from tasks import SapoError
+    from tasks.checkpoints import check_checkpoint_keys
 
     peft_model = get_peft_model(tiny_model(VOCAB, seed=7), LoraConfig(r=2, target_modules=["q_proj"]))
     step = SupervisedNLL(peft_model, "packed")
     trained = {n: p.detach().clone() for n, p in step.named_parameters() if p.requires_grad}
     save_file(trained, str(tmp_path / "model.safetensors"))
-    train_sapo.check_checkpoint_keys(step, tmp_path)  # its own names: accepted
+    check_checkpoint_keys(step, tmp_path)  # its own names: accepted
     save_file({n.removeprefix("model."): p for n, p in trained.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(SapoError, match="holds none of the weights being trained"):
-        train_sapo.check_checkpoint_keys(step, tmp_path)
+        check_checkpoint_keys(step, tmp_path)
