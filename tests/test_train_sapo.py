@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_sapo
+from tasks.olora import olora_penalty
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -171,10 +172,10 @@ def test_olora_penalty_matches_hand_computation():
                     for j in range(a_new.shape[0]):
                         expected_orth += abs(float(a_prev[i] @ a_new[j]))
             expected_l2 += float(a_new.norm()) + float(proj.lora_B["task3"].weight.double().norm())
-    total, orth = train_sapo.olora_penalty(peft_model, "task3", ["task1", "task2"], 0.5, 0.1)
+    total, orth = olora_penalty(peft_model, "task3", ["task1", "task2"], 0.5, 0.1)
     assert float(orth) == pytest.approx(expected_orth, rel=1e-5)
     assert float(total) == pytest.approx(0.5 * expected_orth + 0.1 * expected_l2, rel=1e-5)
-    first_total, first_orth = train_sapo.olora_penalty(peft_model, "task1", [], 0.5, 0.0)
+    first_total, first_orth = olora_penalty(peft_model, "task1", [], 0.5, 0.0)
     assert float(first_total) == 0.0 and float(first_orth) == 0.0
     total.backward()  # the penalty trains only the new adapter
     assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["task3"].weight.grad is not None
