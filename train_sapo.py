@@ -373,11 +373,8 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     from tqdm.auto import tqdm
 
     clock = TrainingClock()
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # ZeRO 0-2 as tasks/launch.py set it up
     net = peft_model.get_base_model()  # the transformers model, LoRA layers inside
-    if config.attention == "flex" and accelerator.device.type != "cuda":
-        raise SapoError("--attention flex trains on a CUDA GPU only: torch's FlexAttention has no backward on CPU")
-    attention_before = set_training_attention(net, config.attention) if config.attention != "sdpa" else None
+    attention_before = training_attention(accelerator, net, config.attention)  # ours: --attention flex
     layout = training_layout(net)
     # Our own accumulation (accumulate_step): a step's micro-batch count varies with its lengths.
     accelerator.gradient_accumulation_steps = 1
@@ -387,11 +384,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
                                          accelerator.num_processes)) for b in steps)  # the most in one step
     checkpoint_every = config.checkpoint_every or math.ceil(len(encoded) / config.global_batch_size)  # or per epoch
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    # Stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per process, which would
-    # make the schedule depend on the number of processes.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
+    optimizer, scheduler = adamw_with_schedule(trainable, config, total_steps, warmup_steps)
     step_module = SupervisedNLL(peft_model, layout)  # the whole loss is one module, so that DDP sees its backward
     estimate, checkpointing = plan_training_memory(  # ours: --gradient-checkpointing auto, the peak in training.json
         accelerator, step_module, net, [micro_batches(encoded, b, config, layout, 0, 1) for b in steps], encoded, steps,
@@ -399,13 +392,11 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     model, optimizer = prepare_for_training(accelerator, step_module, optimizer, net)  # tasks/sharding.py
 
     checkpoint = task_dir / "checkpoint"
-    saved = resume_training(accelerator, model, checkpoint, task_dir.name)
+    saved = resume_training(accelerator, model, scheduler, checkpoint, task_dir.name)
     start_step = saved.step if saved else 0
     if saved:
         clock.earlier = saved.seconds
         encoded = (reselect.restore(saved.reselector) if reselect else None) or encoded
-        for _ in range(start_step):  # the schedule is a function of the step alone: replay it
-            scheduler.step()
         accelerator.print(f"resuming training of {task_dir.name} at step {start_step}/{total_steps}")
     log = TrainLog(task_dir / "train_log.jsonl", start_step, accelerator.is_main_process)
 
@@ -417,7 +408,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         total_tokens = supervised_tokens(encoded, batch)  # of the whole global batch, known before the step
         step_nll, orth = accumulate_step(accelerator, model, encoded, batch, step, total_tokens, config, layout,
                                          name, previous)
-        if not deepspeed:  # DeepSpeed clips (gradient_clipping) and steps inside accelerator.backward
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed clips and steps in its backward
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
@@ -437,20 +428,27 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
             save_checkpoint(accelerator, checkpoint, step + 1,
                             {"seconds": clock.seconds, "reselector": reselect.state() if reselect else None})
     bar.close()
+    peak, peak_kind = finish_training(accelerator, model, net, checkpointing, attention_before)
+    return peft_model, Training(
+        steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps, seconds=clock.seconds,
+        reselection_seconds=reselect.seconds if reselect else 0.0,
+        gradient_checkpointing="on" if checkpointing else "off",
+        estimated_peak_bytes=estimate.peak(checkpointing) if estimate else 0, peak_memory_bytes=peak,
+        peak_memory=peak_kind)
+
+
+def finish_training(accelerator, model, net, checkpointing: bool, attention_before: str | None) -> tuple[int, str]:
+    """Back to evaluation: checkpointing off, the attention scoring and generation use, the engine's references
+    dropped (ZeRO-3: inference hooks back on `net`). Returns the peak memory training reached (tasks.memory_plan)."""
     model.eval()
     if checkpointing:
         set_gradient_checkpointing(net, False)
     if attention_before is not None:
-        net.set_attn_implementation(attention_before)  # scoring and generation keep their own attention
-    peak, peak_kind = peak_memory_reached(accelerator.device)
+        net.set_attn_implementation(attention_before)
+    peak = peak_memory_reached(accelerator.device)
     accelerator.wait_for_everyone()
-    end_training(accelerator, net)  # accelerate's references dropped (ZeRO-3: inference hooks back on `net`)
-    return peft_model, Training(steps=total_steps, accumulation=accumulation, warmup_steps=warmup_steps,
-                                seconds=clock.seconds,
-                                reselection_seconds=reselect.seconds if reselect else 0.0,
-                                gradient_checkpointing="on" if checkpointing else "off",
-                                estimated_peak_bytes=estimate.peak(checkpointing) if estimate else 0,
-                                peak_memory_bytes=peak, peak_memory=peak_kind)
+    end_training(accelerator, net)
+    return peak
 
 
 def accumulate_step(accelerator, model, encoded, batch, step, total_tokens, config, layout, name, previous):
@@ -578,6 +576,26 @@ def micro_batches(encoded, batch: list[int], config, layout: str, rank: int, wor
     plan = plan_micro_batches([len(encoded[i].input_ids) for i in batch], config.micro_batch_tokens or 0,
                               config.micro_batch_size, layout)
     return my_micro_batches(plan, rank, world)
+
+
+def adamw_with_schedule(trainable, config, total_steps: int, warmup_steps: int):
+    """AdamW on the adapter's weights, and its learning-rate schedule (tasks/schedule.py) as a LambdaLR stepped by
+    hand once per optimizer step: accelerate's prepared scheduler steps once per process, which would make the
+    schedule depend on the number of processes."""
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
+    return optimizer, scheduler
+
+
+def training_attention(accelerator, net, attention: str) -> str | None:
+    """Ours: --attention flex switches the model to FlexAttention for training; returns the implementation to put
+    back after it (None: nothing changed)."""
+    if attention == "sdpa":
+        return None
+    if attention == "flex" and accelerator.device.type != "cuda":
+        raise SapoError("--attention flex trains on a CUDA GPU only: torch's FlexAttention has no backward on CPU")
+    return set_training_attention(net, attention)
 
 
 class TrainingClock:

@@ -122,10 +122,10 @@ def check_checkpoint_keys(model, checkpoint: Path):
                         f"train_sapo.py?); delete {checkpoint} to train this task again from its start")
 
 
-def resume_training(accelerator, model, checkpoint: Path, task: str) -> CheckpointStep | None:
+def resume_training(accelerator, model, scheduler, checkpoint: Path, task: str) -> CheckpointStep | None:
     """The checkpoint an interrupted segment left, loaded into the prepared `model` and optimizer (weights, optimizer
-    and RNG states); None when there is none. Refused in one line when another kind of launch wrote it or its weights
-    are not the ones being trained."""
+    and RNG states), the learning-rate `scheduler` brought to its step; None when there is none. Refused in one line
+    when another kind of launch wrote it or its weights are not the ones being trained."""
     recover_checkpoint(accelerator, checkpoint)
     if not (checkpoint / "sapo_step.json").exists():
         return None
@@ -135,6 +135,8 @@ def resume_training(accelerator, model, checkpoint: Path, task: str) -> Checkpoi
                         advice=f"delete {checkpoint} to train the task again from its start")
     check_checkpoint_keys(model, checkpoint)
     accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
+    for _ in range(saved.step):  # the schedule is a function of the step alone: replay it
+        scheduler.step()
     return saved
 
 
