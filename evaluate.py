@@ -69,12 +69,14 @@ import shutil
 import string
 import tempfile
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
+from tasks.flags import Range, add_config_flags, check_ranges
 from tasks.loaders import strict_json, write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
     render_response
@@ -484,6 +486,23 @@ def compare_table(reports: dict) -> str:
 # Command line
 
 
+@dataclass
+class GenerationFlags:
+    """The run mode's numeric flags: tasks.flags.add_config_flags builds them (help: these comments), checked against
+    GENERATION_RANGES when the command line is parsed."""
+
+    max_instances: int | None = None  # evaluate the first N instances of the split (None: all)
+    batch_size: int | None = None  # at most N sequences per generation batch (None: up to 256, the budget decides)
+    eval_token_budget: int | None = None  # prompt + new tokens per batch (None: 8192 on CPU, 1/3 of free GPU memory)
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = MAX_SOURCE_LENGTH  # longer prompts have their input text shortened (as training)
+    api_timeout: float = 600.0  # --engine openai: seconds per request
+
+
+GENERATION_RANGES = {"max_instances": Range(1), "batch_size": Range(1), "eval_token_budget": Range(1),
+                     "max_new_tokens": Range(1), "max_prompt_tokens": Range(1), "api_timeout": Range(0, low_open=True)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -502,17 +521,12 @@ def parse_args(argv=None):
     run.add_argument("--tasks", help="comma-separated task names")
     run.add_argument("--data-dir", help="SAPO-layout data directory (default: the built-in tasks)")
     run.add_argument("--split", default="test", choices=("train", "dev", "test"))
-    run.add_argument("--max-instances", type=int, help="evaluate the first N instances of the split")
+    add_config_flags(run, GenerationFlags, GENERATION_RANGES, with_defaults=True)
     run.add_argument("--instructions", help="JSON {task: instruction} to prompt with instead of the original")
     run.add_argument("--original-instructions", action="store_true",
                      help="prompt with the original instructions even when --model is a run's task folder whose "
                           "sapo_stack.json stores the instructions its tasks were trained with (the default uses those)")
     run.add_argument("--output-dir", help="write predictions/<task>.jsonl and scores.json here")
-    run.add_argument("--batch-size", type=int, default=None,
-                     help="at most N sequences per generation batch (default: up to 256; the token budget decides)")
-    run.add_argument("--eval-token-budget", type=int, default=None,
-                     help="prompt + new tokens per generation batch (default: per device: 8192 on CPU, a third of the "
-                          "free GPU memory as KV cache on CUDA)")
     run.add_argument("--eval-compile", action="store_true",
                      help="CUDA: HF static KV cache + torch.compile of the decode step (elsewhere: the plain path)")
     run.add_argument("--no-fold", action="store_true",
@@ -522,10 +536,6 @@ def parse_args(argv=None):
                           "OpenAI-compatible completions endpoint (--api-base, --served-model)")
     run.add_argument("--api-base", help="--engine openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
     run.add_argument("--served-model", help="--engine openai: the model or LoRA name the server serves")
-    run.add_argument("--api-timeout", type=float, default=600.0, help="--engine openai: seconds per request")
-    run.add_argument("--max-new-tokens", type=int, default=128)
-    run.add_argument("--max-prompt-tokens", type=int, default=MAX_SOURCE_LENGTH,
-                     help="longer prompts have their input text shortened (default: %(default)s, as training)")
     run.add_argument("--lang", default="auto", choices=("auto", "en", "zh"), help="ROUGE tokenization per task")
     run.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="base weights' dtype; auto: bf16 on a GPU that supports it, else fp32 (LoRA weights stay fp32)")
@@ -541,16 +551,11 @@ def parse_args(argv=None):
     if len(modes) != 1:
         p.error("give exactly one of RUN_DIR, --compare RUN_DIR ..., --model M --tasks a,b, or --export-adapter"
                 + (f" (got {' and '.join(modes)})" if modes else ""))
-    if args.max_instances is not None and args.max_instances < 1:
-        p.error("--max-instances must be at least 1")
     if args.engine == "openai" and not (args.api_base and args.served_model):
         p.error("--engine openai needs --api-base URL and --served-model NAME")
-    if args.eval_token_budget is not None and args.eval_token_budget < 1:
-        p.error("--eval-token-budget must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
     if args.write and args.tasks:
         p.error("--write writes a run's report; it goes with RUN_DIR or --compare, not --tasks (see --output-dir)")
+    check_ranges(vars(args), GENERATION_RANGES)  # one line naming the flag and its range (tasks/flags.py)
     return args
 
 

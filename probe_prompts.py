@@ -31,11 +31,9 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import inspect
 import io
 import itertools
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,7 @@ import score_prompts
 import train_sapo
 from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, pad_batch, render_prompt
 from tasks.errors import exit_after_main
-from tasks.flags import OneLineParser, Range, check_choices, check_ranges
+from tasks.flags import OneLineParser, Range, add_config_flags, check_choices, check_ranges, given_flags
 from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import write_json, write_text_atomic
 from tasks.records import json_safe, read_record
@@ -117,20 +115,9 @@ def parse_config(argv=None) -> tuple[ProbeConfig, bool]:
                              "paper = the original recipe")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh when the output dir holds a study with other settings (moved aside)")
-    source = inspect.getsource(train_sapo.Config) + inspect.getsource(ProbeConfig)
-    comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", source, re.M))
-    fields = [f for f in dataclasses.fields(ProbeConfig) if f.name not in NOT_FLAGS]
-    for f in fields:
-        base_type = f.type.split("|")[0].strip()
-        allowed = f"; {RANGES[f.name]}" if f.name in RANGES else ""
-        help_text = (comments.get(f.name, "") + f" (default: {f.default}{allowed})").strip().replace("%", "%%")
-        kind = {"int": int, "float": float}.get(base_type, str)
-        if base_type == "bool":
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=help_text)
+    flags = add_config_flags(parser, ProbeConfig, RANGES, skip=NOT_FLAGS)  # help: the fields' comments (tasks/flags.py)
     args = parser.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    given = given_flags(args, flags)
     preset = train_sapo.choose_preset(args.preset, given)  # demo on the offline setup, as train_sapo
     config = ProbeConfig(**{**PRESETS.get(preset, {}), **given, "preset": preset})
     names = list(dict.fromkeys([t for pair in config.pair_names() for t in pair] + config.unseen_names()))

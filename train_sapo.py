@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -36,7 +35,8 @@ from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_exam
 from tasks.core import Task
 from tasks.divergence import check_finite_step
 from tasks.errors import describe_os_error, exit_after_main, writing
-from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
+from tasks.flags import (MAX_SEED, POOL_RANGES, OneLineParser, Range, add_config_flags, check_choices, check_ranges,
+                         given_flags)
 from tasks.launch import TrainingRecipe, accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import load_sequence, load_task, read_json, strict_json, write_json
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, check_context, load_model, \
@@ -240,23 +240,10 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh when the output dir holds a run with another config or other data (the "
                              "old one is moved aside, not deleted)")
-    # --help text: each field's trailing comment in the Config source, plus its default.
-    comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(Config), re.M))
-    fields = [f for f in dataclasses.fields(Config) if f.name != "preset"]
-    for f in fields:
-        flag = "--" + f.name.replace("_", "-")
-        base_type = f.type.split("|")[0].strip()  # annotations are strings here ("int | None")
-        allowed = f"; {FLAG_RANGES[f.name]}" if f.name in FLAG_RANGES else ""
-        help_text = (comments.get(f.name, "") + f" (default: {f.default}{allowed})").strip().replace("%", "%%")
-        if f.name in BARE_FLAG_VALUES:
-            parser.add_argument(flag, nargs="?", const=BARE_FLAG_VALUES[f.name], default=None, help=help_text)
-        elif base_type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(base_type, str), default=None,
-                                help=help_text)
+    # One flag per Config field, its --help text the field's trailing comment, its default and its range.
+    flags = add_config_flags(parser, Config, FLAG_RANGES, skip={"preset"}, bare_values=BARE_FLAG_VALUES)
     args = parser.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    given = given_flags(args, flags)
     # Explicit flags override any preset value.
     preset = choose_preset(args.preset, given)
     config = Config(**{**PRESETS.get(preset, {}), **given, "preset": preset})
