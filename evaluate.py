@@ -71,7 +71,6 @@ import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
 
 import torch
 
@@ -258,25 +257,35 @@ def score_lang(instances) -> str:
 # One task
 
 
-class _TaskScoresKeys(TypedDict):
+@dataclass
+class TaskScores:
+    """What evaluate_task returns for one task (a row's entry in scores.json); TRACE's own score for its tasks."""
+
     rougeL: float
     exact_match: float
     num_instances: int
+    trace: float | None = None  # TRACE's own score (tasks/trace_metrics.py); None for a task TRACE does not define
+    trace_metric: str | None = None  # its name (accuracy, edit_similarity, rouge-L, ...)
 
+    def score(self, name: str) -> float | None:
+        """The score named `name`, one of SCORES (None: this task has no such score, e.g. trace of a non-TRACE
+        task)."""
+        if name not in SCORES:
+            raise ValueError(f"unknown score {name!r} (expected one of {', '.join(SCORES)})")
+        return getattr(self, name)
 
-class TaskScores(_TaskScoresKeys, total=False):
-    """What evaluate_task returns for one task (a row's entry in scores.json); TRACE's own score for its tasks."""
-
-    trace: float
-    trace_metric: str
+    def to_json(self) -> dict:
+        """scores.json's entry, as it has always been written: the trace keys only for a task that has them."""
+        trace = {"trace": self.trace, "trace_metric": self.trace_metric} if self.trace is not None else {}
+        return {"rougeL": self.rougeL, "exact_match": self.exact_match, **trace, "num_instances": self.num_instances}
 
 
 def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
                   max_new_tokens=128, max_prompt_tokens=MAX_SOURCE_LENGTH, predictions_path=None, lang="en",
                   progress=True, **generation) -> TaskScores:
-    """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`, plus
-    "trace" and "trace_metric" for a task TRACE scores its own way. Every process returns the same dict; the
-    predictions JSONL is written by the main process. `generation`: generate_answers' token_budget, compile, engine,
+    """The scores (ROUGE-L, exact match) of greedy answers on the first `max_instances` of `split`, plus TRACE's own
+    for a task TRACE scores its own way. Every process returns the same scores; the predictions JSONL is written by
+    the main process. `generation`: generate_answers' token_budget, compile, engine,
     fold."""
     instances = task.split(split)
     if max_instances is not None:
@@ -298,7 +307,7 @@ def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="te
     if predictions_path is not None and accelerator.is_main_process:
         write_text_atomic(predictions_path, "".join(strict_json(r, predictions_path) + "\n" for r in records))
     scores = {score: sum(r[score] for r in records) / len(records) for score in SCORES if score in records[0]}
-    return {**scores, **({"trace_metric": metric} if metric else {}), "num_instances": len(records)}
+    return TaskScores(**scores, trace_metric=metric, num_instances=len(records))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -605,6 +614,21 @@ def read_instructions(path) -> dict:
     return out
 
 
+@dataclass
+class TaskResult:
+    """One task of the run mode: its scores and the instruction it was prompted with (an entry of "results" in
+    OUTPUT_DIR/scores.json)."""
+
+    task: str
+    instruction: str
+    instruction_source: str  # file (--instructions), stack (the one it was trained with) or original
+    scores: TaskScores
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "instruction": self.instruction, "instruction_source": self.instruction_source,
+                **self.scores.to_json()}
+
+
 def run_main(args):
     from accelerate import Accelerator
 
@@ -669,17 +693,17 @@ def run_main(args):
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        results.append({"task": task.name, "instruction": instruction, "instruction_source": source, **scores})
-        trace = f"  trace {scores['trace']:.2f} ({scores['trace_metric']})" if "trace" in scores else ""
-        accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}"
-                          f"{trace}  ({scores['num_instances']} instances)")
+        results.append(TaskResult(task.name, instruction, source, scores))
+        trace = f"  trace {scores.trace:.2f} ({scores.trace_metric})" if scores.trace is not None else ""
+        accelerator.print(f"{task.name}: rougeL {scores.rougeL:.2f}  exact_match {scores.exact_match:.2f}"
+                          f"{trace}  ({scores.num_instances} instances)")
 
     # A score is a column (and a list in scores.json) when every task has it: TRACE's only for TRACE tasks.
-    columns = [score for score in SCORES if all(score in r for r in results)]
+    columns = [score for score in SCORES if all(r.scores.score(score) is not None for r in results)]
     accelerator.print("\n| task | " + " | ".join(columns) + " | instances |\n" + "|---" * (len(columns) + 2) + "|")
     for r in results:
-        cells = " | ".join(f"{r[c]:.2f}" for c in columns)
-        accelerator.print(f"| {r['task']} | {cells} | {r['num_instances']} |")
+        cells = " | ".join(f"{r.scores.score(c):.2f}" for c in columns)
+        accelerator.print(f"| {r.task} | {cells} | {r.scores.num_instances} |")
     if staging is not None:
         for file in sorted((staging / "predictions").iterdir()):
             write_text_atomic(Path(args.output_dir) / "predictions" / file.name, file.read_text(encoding="utf-8"))
@@ -688,8 +712,8 @@ def run_main(args):
         summary = {"model": args.model, "split": args.split,
                    **({"engine": "openai", "api_base": args.api_base, "served_model": args.served_model}
                       if engine is not None else {}), "max_instances": args.max_instances,
-                   "tasks": [r["task"] for r in results], **{c: [r[c] for r in results] for c in columns},
-                   "results": results}
+                   "tasks": [r.task for r in results], **{c: [r.scores.score(c) for r in results] for c in columns},
+                   "results": [r.to_json() for r in results]}
         summary_path = Path(args.output_dir) / "scores.json"
         write_text_atomic(summary_path, strict_json(summary, summary_path, 2) + "\n")
         accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")

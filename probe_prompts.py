@@ -450,10 +450,10 @@ def model_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t2, pool
     state_id = model_state_id(run.base_path, run.base_adapters) if static else state.state_id(run)
     out = []
     with static_model(state) if static else contextlib.nullcontext():
-        scores = score_prompts.score_candidates(
-            state.model, tokenizer, t2, pool, scored, accelerator, token_budget=config.score_token_budget,
-            max_length=max_length, cache_path=pair_dir / ("score_cache_static.json" if static else "score_cache.json"),
-            state_id=state_id, progress=run.progress)
+        scores = score_prompts.select_candidates(  # every candidate on every instance: the indicator of each
+            state.model, tokenizer, t2, pool, scored, accelerator, score_prompts.ScoringSettings.of(config, "sapo"),
+            cache_path=pair_dir / ("score_cache_static.json" if static else "score_cache.json"), state_id=state_id,
+            progress=run.progress)
         for c, p in enumerate(pool):
             stats = token_statistics(state.model, [encode_task_example(tokenizer, t2, p, x, max_length)
                                                    for x in scored], accelerator, config.micro_batch_size)
@@ -472,7 +472,7 @@ def model_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t2, pool
                 first_token_loss=float(np.mean([nll[0] for nll, _ in stats])),
                 response_entropy=math.fsum(e for _, entropy in stats for e in entropy) / sum(len(e) for _, e in stats),
                 instruction_loss=float(np.mean(instruction_nll)), gradient_norm=gradient.norm,
-                zero_shot_rouge=zero_shot["rougeL"], zero_shot_exact_match=zero_shot["exact_match"],
+                zero_shot_rouge=zero_shot.rougeL, zero_shot_exact_match=zero_shot.exact_match,
                 length_tokens=len(tokenizer(p, add_special_tokens=False)["input_ids"]),
                 readability_grade=flesch_kincaid_grade(p), rouge_to_original=evaluate.rouge_l(p, [t2.instruction])))
     return out
@@ -554,7 +554,7 @@ def train_and_evaluate(run: train_sapo.Run, state: train_sapo.ModelState, t1, t2
     row = train_sapo.evaluate_row(arm, state, cand_dir, f"after {t2.name} with candidate {c}, seed {s}",
                                   instructions)
     back_to_s1(state, s1_adapters)
-    return {task: s["rougeL"] for task, s in row.scores.items()}
+    return {task: s.rougeL for task, s in row.scores.items()}
 
 
 @dataclass
@@ -639,7 +639,7 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
             done = read_record(arm_dir(pair_dir, c, s) / "scores.json", train_sapo.Row, default=None,
                                advice="delete it to evaluate that arm again")
             if done is not None:
-                runs.append({task: x["rougeL"] for task, x in done.scores.items()})
+                runs.append({task: x.rougeL for task, x in done.scores.items()})
                 continue
             accelerator.print(f"{t1.name}->{t2.name}: candidate {c + 1}/{len(pool)}, seed {s + 1}/{config.seeds}: "
                               f"{pool[c][:80]!r}")

@@ -355,16 +355,38 @@ def race_candidates(model, tokenizer, task, candidates: list[str], instances, ac
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def select_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None, *,
-                      method="sapo", race_first=8, race_confidence=0.95, **scoring) -> Selection:
-    """The lowest pre-update loss among `candidates` (original first). method "sapo" scores every candidate on every
-    instance (the paper); "sapo-race" races them (ours). `scoring`: score_candidates' keyword arguments."""
-    if method == "sapo":
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How a selection scores: the method and its racing settings, the forward batches' token budget, the length
+    limit of a sequence. The same for every selection of a run (train_sapo's first selection and its re-selections)."""
+
+    method: str = "sapo"  # sapo: every candidate on every instance (the paper) | sapo-race (ours): racing
+    race_first: int = 8  # sapo-race: instances of the first round
+    race_confidence: float = 0.95  # sapo-race: confidence that the best candidate is never eliminated
+    token_budget: int = 16384  # padded tokens per forward batch
+    max_length: int = MAX_LENGTH  # tokens of a sequence (prompt + answer); longer ones shorten their input text
+
+    @classmethod
+    def of(cls, config, method: str | None = None) -> "ScoringSettings":
+        """From train_sapo's Config (or a config derived from it): --select (or `method`), --race-first,
+        --race-confidence, --score-token-budget, --max-source-length + --max-target-length."""
+        return cls(method=method or config.select, race_first=config.race_first,
+                   race_confidence=config.race_confidence, token_budget=config.score_token_budget,
+                   max_length=config.max_source_length + config.max_target_length)
+
+
+def select_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None,
+                      settings: ScoringSettings = ScoringSettings(), **scoring) -> Selection:
+    """The lowest pre-update loss among `candidates` (original first). settings.method "sapo" scores every candidate
+    on every instance (the paper); "sapo-race" races them (ours). `scoring`: score_candidates' other keyword arguments
+    (cache_path, state_id, progress, row_tokens)."""
+    scoring.update(token_budget=settings.token_budget, max_length=settings.max_length)
+    if settings.method == "sapo":
         return score_candidates(model, tokenizer, task, candidates, instances, accelerator, **scoring)
-    if method == "sapo-race":
-        return race_candidates(model, tokenizer, task, candidates, instances, accelerator, first=race_first,
-                               confidence=race_confidence, **scoring)
-    raise SapoError(f"unknown selection method {method!r} (expected one of {', '.join(SELECT_METHODS)})")
+    if settings.method == "sapo-race":
+        return race_candidates(model, tokenizer, task, candidates, instances, accelerator, first=settings.race_first,
+                               confidence=settings.race_confidence, **scoring)
+    raise SapoError(f"unknown selection method {settings.method!r} (expected one of {', '.join(SELECT_METHODS)})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -490,10 +512,11 @@ def main(argv=None):
     candidates = source.build(task, accelerator=accelerator, model=model, tokenizer=tokenizer, state_id=state_id,
                               cache_path=paraphrase_cache)
 
-    result = select_candidates(model, tokenizer, task, candidates, instances, accelerator, method=args.select,
-                               race_first=args.race_first, race_confidence=args.race_confidence,
-                               token_budget=args.token_budget, max_length=args.max_length, cache_path=cache_path,
-                               state_id=state_id, progress=not args.no_progress, row_tokens=args.row_tokens)
+    settings = ScoringSettings(method=args.select, race_first=args.race_first, race_confidence=args.race_confidence,
+                               token_budget=args.token_budget, max_length=args.max_length)
+    result = select_candidates(model, tokenizer, task, candidates, instances, accelerator, settings,
+                               cache_path=cache_path, state_id=state_id, progress=not args.no_progress,
+                               row_tokens=args.row_tokens)
     failed = None
     if accelerator.is_main_process:
         print_table(result)  # first: the scores are on screen even when the file cannot be written

@@ -46,6 +46,7 @@ from tasks.records import from_record, read_record
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
 from tasks.score_cache import model_state_id
 from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
+from tasks.timings import TaskTimings
 from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
 from tasks.attention import ATTENTION_CHOICES, set_training_attention
@@ -429,11 +430,9 @@ class Reselector:
         from tasks.racing import paired_lower_bound, race_z
 
         config = self.config
-        result = score_prompts.select_candidates(
-            model, self.tokenizer, self.task, self.shortlist, self.instances, self.accelerator,
-            method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
-            token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
-            progress=False)
+        result = score_prompts.select_candidates(model, self.tokenizer, self.task, self.shortlist, self.instances,
+                                                 self.accelerator, score_prompts.ScoringSettings.of(config),
+                                                 progress=False)
         current, best = result.candidates[self.shortlist.index(self.current)], result.candidates[result.selected]
         bound = z = None
         n = min(current.num_instances_scored, best.num_instances_scored)  # racing: the instances both reached
@@ -804,6 +803,10 @@ class Row:
     scores: dict[str, evaluate.TaskScores]  # task name -> evaluate.evaluate_task's result
     seconds: float
 
+    def to_json(self) -> dict:
+        return {"row": self.row, "scores": {name: s.to_json() for name, s in self.scores.items()},
+                "seconds": self.seconds}
+
 
 class ReselectorState(TypedDict):
     """A checkpoint's re-selection state (Reselector.state)."""
@@ -922,9 +925,8 @@ def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) 
         else:
             selection = score_prompts.select_candidates(
                 state.model, run.tokenizer, task, pool, task.split(split)[:config.score_instances], run.accelerator,
-                method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
-                token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
-                cache_path=task_dir / "score_cache.json", state_id=state_id, progress=run.progress)
+                score_prompts.ScoringSettings.of(config), cache_path=task_dir / "score_cache.json", state_id=state_id,
+                progress=run.progress)
     chosen = TaskSelection(select=config.select, split=split, original=task.instruction, selection=selection,
                            note=note, dtype=str(state.model.dtype))
     run.save(task_dir / "selection.json", chosen.to_json())
@@ -1024,39 +1026,34 @@ def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instruc
             predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress,
             token_budget=config.eval_token_budget or "auto", compile=config.eval_compile)  # adapters folded into one
     row = Row(row=label, scores=scores, seconds=time.perf_counter() - start)
-    run.save(row_dir / "scores.json", dataclasses.asdict(row))
+    run.save(row_dir / "scores.json", row.to_json())
     return row
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Run records: R, timings, the adapter stack of each state.
 
-def write_results(run: Run, rows: list[Row], timings: dict):
+def write_results(run: Run, rows: list[Row], timings: dict[str, TaskTimings]):
     """R.json (+ the report: metrics.json, R.csv, R.png) and timings.json, rewritten after every row."""
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
     # A score is a matrix of R when every task of every row has it: TRACE's own ("trace") in a run of TRACE tasks.
-    present = [s for s in evaluate.SCORES if all(s in r.scores[n] for r in rows for n in names)]
+    present = [s for s in evaluate.SCORES if all(r.scores[n].score(s) is not None for r in rows for n in names)]
     R = {"tasks": names, "rows": [r.row for r in rows],
-         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in present}}
+         **{metric: [[r.scores[n].score(metric) for n in names] for r in rows] for metric in present}}
     if "trace" in present:
-        R["trace_metrics"] = {n: rows[0].scores[n]["trace_metric"] for n in names}
+        R["trace_metrics"] = {n: rows[0].scores[n].trace_metric for n in names}
     write_json(run.run_dir / "R.json", R)
     evaluate.write_report(run.run_dir)
     if timings:
-        write_json(run.run_dir / "timings.json", timings)
+        write_json(run.run_dir / "timings.json", {name: t.to_json() for name, t in timings.items()})
 
 
-def task_timings(chosen: TaskSelection, training: Training, row: Row) -> dict:
+def task_timings(chosen: TaskSelection, training: Training, row: Row) -> TaskTimings:
     """timings.json's entry of one task: selection (re-selection included) against training seconds."""
     selection_seconds = chosen.selection.seconds + sum(r.seconds for r in chosen.reselections)
-    record = {**dataclasses.asdict(training), "training_seconds": training.seconds,
-              "selection_seconds": selection_seconds, "evaluation_seconds": row.seconds}
-    del record["seconds"]
-    if training.seconds:
-        record["selection_overhead_pct"] = 100.0 * selection_seconds / training.seconds
-    return record
+    return TaskTimings.of(training, selection_seconds, row.seconds)
 
 
 def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[str, str]):
@@ -1067,16 +1064,16 @@ def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[s
                                      + [os.path.relpath(a, task_dir) for a in state.adapter_dirs]})  # beside it
 
 
-def print_summary(run: Run, rows: list[Row], timings: dict):
+def print_summary(run: Run, rows: list[Row], timings: dict[str, TaskTimings]):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
     metrics = evaluate.write_report(run.run_dir)  # on TRACE's own scores when R has them, else ROUGE-L
     print(f"\n{metrics['metric']}:")
-    print(evaluate.markdown_table([[r.scores[n][metrics["metric"]] for n in names] for r in rows], names))
+    print(evaluate.markdown_table([[r.scores[n].score(metrics["metric"]) for n in names] for r in rows], names))
     print()
     print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
-    overhead = [t["selection_overhead_pct"] for t in timings.values() if t.get("selection_overhead_pct")]
+    overhead = [t.selection_overhead_pct for t in timings.values() if t.selection_overhead_pct]
     if overhead:
         print(f"selection overhead: {sum(overhead) / len(overhead):.1f}% of training time (mean over tasks)")
     print(f"results: {run.run_dir.resolve()}  (R.json, metrics.json, timings.json, per-task folders)")
