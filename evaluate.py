@@ -53,7 +53,8 @@ tokens only. Batches are formed from the globally length-sorted prompts and deal
 batch (and its padding) is the same whatever the number of processes: 1 and 8 processes give the same answers.
 Ours: batches hold up to --eval-token-budget tokens of prompt + answer, finished sequences leave the batch at once,
 and an adapter stack runs as one folded adapter (tasks/generation.py, tasks/fold.py).
-With ZeRO-3/FSDP sharded weights every process would have to join every forward; load full weights per process here.
+ZeRO-3 and FSDP2 launches shard the weights (tasks/sharding.py): every process then joins every forward (see
+generate_answers).
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
         special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
         ids += [next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)]
     except (SapoError, ValueError):  # no chat template (encode_prompt will say so), or the answer is not rendered as is
-        pass  # no chat template: encode_prompt will say so
+        pass
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 

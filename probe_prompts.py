@@ -1013,13 +1013,35 @@ def write_outputs(run_dir: Path, config: ProbeConfig, pairs: list[PairResult], c
 
 def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, analysis: Analysis,
                  pool: list[PoolSummary]):
+    """Every figure of the study, one PNG each in `run_dir`."""
+    plot_correlations(run_dir / "correlations.png", pairs, correlations)
+    for pair in pairs:
+        plot_scatter(run_dir / f"scatter_{pair.t1}--{pair.t2}.png", pair)
+    plot_indicators(run_dir / "indicators.png", analysis)
+    plot_noise_floor(run_dir / "noise_floor.png", pairs, analysis)
+    plot_conflict(run_dir / "conflict.png", pairs)
+    plot_pool_size(run_dir / "pool_size.png", pairs, pool)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Heatmaps (Fig. 2): one row per pair, Pearson and Spearman.
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 4.2 * len(pairs)), squeeze=False)
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def plot_correlations(path: Path, pairs: list[PairResult], correlations: dict):
+    """Heatmaps (Fig. 2): one row per pair, Pearson and Spearman."""
+    fig, axes = pyplot().subplots(len(pairs), 2, figsize=(10, 4.2 * len(pairs)), squeeze=False)
     for row, pair in enumerate(pairs):
         for col, method in enumerate(("pearson", "spearman")):
             c, ax = correlations[method][row], axes[row][col]
@@ -1032,39 +1054,39 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
                         ha="center", va="center", fontsize=8)
             ax.set_title(f"{pair.label}: {method} (mean off-diag {c.mean_off_diagonal():.2f})", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(run_dir / "correlations.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Scatter plots (Fig. 1): relative change on every two tasks, one point per candidate (x = in-task first).
-    for pair in pairs:
-        tasks = [pair.t2, *pair.cross_tasks]
-        n = len(tasks) - 1
-        fig, axes = plt.subplots(n, n, figsize=(2.6 * n, 2.6 * n), squeeze=False)
-        for i, j in itertools.product(range(n), repeat=2):
-            ax = axes[i][j]
-            if j > i:
-                ax.axis("off")
-                continue
-            x, y = pair.relative(tasks[j]), pair.relative(tasks[i + 1])
-            ax.scatter(x, y, s=14, c=["red"] + ["C0"] * (len(x) - 1))
-            finite = [(a, b) for a, b in zip(x, y) if math.isfinite(a + b)]
-            r = pearson(*zip(*finite)) if len(finite) > 1 else float("nan")
-            ax.set_title(f"Pearson r={r:.2f}", fontsize=8)
-            if i == n - 1:
-                ax.set_xlabel(tasks[j] + (" (in-task)" if j == 0 else ""), fontsize=8)
-            if j == 0:
-                ax.set_ylabel(tasks[i + 1] + (" (T1)" if i == 0 else ""), fontsize=8)
-        fig.suptitle(f"{pair.label}: relative change (score_p - score_orig) / score_orig, one point per candidate "
-                     "(red = the original)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(run_dir / f"scatter_{pair.t1}--{pair.t2}.png", dpi=80)
-        plt.close(fig)
 
-    # Indicators (Fig. 3): pooled Spearman correlation with the cross-task scores, interval, each pair's value;
-    # the static (base-model) version below the state-adaptive one.
+def plot_scatter(path: Path, pair: PairResult):
+    """Scatter plots (Fig. 1) of one pair: relative change on every two tasks, one point per candidate (x = in-task
+    first)."""
+    tasks = [pair.t2, *pair.cross_tasks]
+    n = len(tasks) - 1
+    fig, axes = pyplot().subplots(n, n, figsize=(2.6 * n, 2.6 * n), squeeze=False)
+    for i, j in itertools.product(range(n), repeat=2):
+        ax = axes[i][j]
+        if j > i:
+            ax.axis("off")
+            continue
+        x, y = pair.relative(tasks[j]), pair.relative(tasks[i + 1])
+        ax.scatter(x, y, s=14, c=["red"] + ["C0"] * (len(x) - 1))
+        finite = [(a, b) for a, b in zip(x, y) if math.isfinite(a + b)]
+        r = pearson(*zip(*finite)) if len(finite) > 1 else float("nan")
+        ax.set_title(f"Pearson r={r:.2f}", fontsize=8)
+        if i == n - 1:
+            ax.set_xlabel(tasks[j] + (" (in-task)" if j == 0 else ""), fontsize=8)
+        if j == 0:
+            ax.set_ylabel(tasks[i + 1] + (" (T1)" if i == 0 else ""), fontsize=8)
+    fig.suptitle(f"{pair.label}: relative change (score_p - score_orig) / score_orig, one point per candidate "
+                 "(red = the original)", fontsize=9)
+    save_figure(fig, path, dpi=80)
+
+
+def plot_indicators(path: Path, analysis: Analysis):
+    """Indicators (Fig. 3): pooled Spearman correlation with the cross-task scores, interval, each pair's value; the
+    static (base-model) version below the state-adaptive one."""
     names = list(analysis.indicators)
-    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.2))
+    fig, ax = pyplot().subplots(figsize=(7, 0.55 * len(names) + 1.2))
     for y, name in enumerate(names):
         for offset, table, color in ((-0.15, analysis.indicators, "C0"), (0.15, analysis.static, "C2")):
             if name not in table:
@@ -1079,12 +1101,12 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
     ax.set_xlim(-1.05, 1.05)
     ax.set_xlabel("Spearman r with the cross-task scores after training (signed: > 0 = the indicator predicts)\n"
                   "blue: under S1 (pooled, interval), green: under the base model, orange: pairs", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "indicators.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Noise floor: per pair and task, the spread due to the instruction against the spread due to the seed.
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(7, 3 * len(pairs)), squeeze=False)
+
+def plot_noise_floor(path: Path, pairs: list[PairResult], analysis: Analysis):
+    """Noise floor: per pair and task, the spread due to the instruction against the spread due to the seed."""
+    fig, axes = pyplot().subplots(len(pairs), 1, figsize=(7, 3 * len(pairs)), squeeze=False)
     for ax, pair in zip(axes[:, 0], pairs):
         rows = analysis.noise[pair.label]
         x = np.arange(len(rows))
@@ -1095,12 +1117,12 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
         ax.set_title(f"{pair.label}: variance components over {len(pair.candidates)} candidates x "
                      f"{len(pair.seed_scores[0])} seeds", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / "noise_floor.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Gradient conflict (Fig. 4): per candidate, the per-module cosines with T1's and the unseen task's gradient.
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(8, 3.4 * len(pairs)), squeeze=False)
+
+def plot_conflict(path: Path, pairs: list[PairResult]):
+    """Gradient conflict (Fig. 4): per candidate, the per-module cosines with T1's and the unseen task's gradient."""
+    fig, axes = pyplot().subplots(len(pairs), 1, figsize=(8, 3.4 * len(pairs)), squeeze=False)
     for ax, pair in zip(axes[:, 0], pairs):
         unseen = pair.conflict[0].unseen_task if pair.conflict else ""
         for offset, key, color, label in ((-0.18, "cosine_t1", "C0", f"vs T1 ({pair.t1})"),
@@ -1117,12 +1139,12 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
         ax.set_title(f"{pair.label}: per-module cosine of the gradient of T2's loss with candidate p", fontsize=9)
         ax.axhline(0, color="grey", lw=0.8)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "conflict.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Pool size (Fig. 15).
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+
+def plot_pool_size(path: Path, pairs: list[PairResult], pool: list[PoolSummary]):
+    """Pool size (Fig. 15): the cross-task relative change of SAPO's pick as the pool grows."""
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     ks = [math.log2(x.k) for x in pool]  # 1, 2, 4, ... evenly spaced
     ax.plot(ks, [100 * x.mean for x in pool], "o-")
     ax.fill_between(ks, [100 * x.ci_low for x in pool], [100 * x.ci_high for x in pool], alpha=0.3)
@@ -1131,9 +1153,7 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
     ax.legend(fontsize=8)
     ax.set_xlabel("pool size k (original included)")
     ax.set_ylabel("cross-task relative change of the pick (%)")
-    fig.tight_layout()
-    fig.savefig(run_dir / "pool_size.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def print_summary(run_dir: Path, pairs, correlations, analysis: Analysis, pool: list[PoolSummary],

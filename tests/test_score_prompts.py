@@ -495,3 +495,19 @@ def test_cli_missing_train_split_points_to_dev(tmp_path):
     proc = subprocess.run([sys.executable, "score_prompts.py", "--data-dir", str(data), "--task", "tiny_sentiment"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--split dev" in proc.stderr
+
+
+def test_cache_merge_keeps_what_another_run_added_and_lookup_skips_short_entries(tmp_path):
+    from tasks.score_cache import cached_entries, merge_into_cache
+
+    path = tmp_path / "score_cache.json"
+
+    def entry(n):
+        return {"task": "t", "instruction": "i", "state_id": "s", "instance_sums": [1.0] * n,
+                "instance_counts": [2] * n, "seconds": 0.5}
+
+    merge_into_cache(path, {"a": entry(3)})
+    merge_into_cache(path, {"b": entry(2)})  # another scoring's write in between: both kept
+    assert json.loads(path.read_text()) == {"a": entry(3), "b": entry(2)}
+    assert cached_entries(path, ["b", "x", "a"], 3) == {2: entry(3)}  # b covers 2 instances only; x is not cached
+    assert cached_entries(None, ["a"], 3) == {} and cached_entries(path, ["a"], 3, is_main=False) == {}
