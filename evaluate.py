@@ -119,8 +119,8 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
 
     Batches hold up to `token_budget` tokens of prompt + answer ("auto": per device, tasks.generation; None: fixed
     batches of `batch_size`), at most `batch_size` sequences (None: up to 256). The active adapters are folded into
-    one (tasks.fold; `fold=False`: run them unmerged, as before). compile: HF's static cache and torch.compile of the
-    decode step (CUDA only; elsewhere a note and the plain path). engine: a tasks.served.ServedEngine that answers
+    one (tasks.fold; `fold=False`: run them unmerged, for comparison). compile: HF's static cache and torch.compile of
+    the decode step (CUDA only; elsewhere a note and the plain path). engine: a tasks.served.ServedEngine that answers
     instead of the model (the same prompts, token for token)."""
     from tqdm.auto import tqdm
 

@@ -26,7 +26,7 @@ Scheduling (the launch plan, `plan_launch`):
 - Grouped order (the GROUP_M swizzle of Triton's matmul tutorial, with splits in the role of column tiles): program
   ids walk GROUP_M row tiles for split 0, then the same row tiles for split 1, ...; consecutive (= co-resident)
   programs share hidden rows, and the GROUP_M programs of one split read the same weight panels at about the same
-  time. Without it (row tile fastest, as before) 128 row tiles at 16k rows read 128 MiB of hidden rows per vocabulary
+  time. Without it (row tile fastest) 128 row tiles at 16k rows read 128 MiB of hidden rows per vocabulary
   block, far more than L2 holds, so every block re-read them from HBM. (The H100 timings with and without this
   order, the 128x256 tiles and TMA loads: bench/results/README.md, from kernel_ab_before_after_h100.csv.)
 - Loads: on sm_90+ the scored rows are gathered once and both operands come through TMA tensor descriptors
