@@ -53,7 +53,8 @@ tokens only. Batches are formed from the globally length-sorted prompts and deal
 batch (and its padding) is the same whatever the number of processes: 1 and 8 processes give the same answers.
 Ours: batches hold up to --eval-token-budget tokens of prompt + answer, finished sequences leave the batch at once,
 and an adapter stack runs as one folded adapter (tasks/generation.py, tasks/fold.py).
-With ZeRO-3/FSDP sharded weights every process would have to join every forward; load full weights per process here.
+ZeRO-3 and FSDP2 launches shard the weights (tasks/sharding.py): every process then joins every forward (see
+generate_answers).
 """
 from __future__ import annotations
 
@@ -69,12 +70,13 @@ import shutil
 import string
 import tempfile
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
 
 import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
+from tasks.flags import Range, add_config_flags, check_ranges
 from tasks.loaders import strict_json, write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
     render_response
@@ -105,7 +107,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
         special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
         ids += [next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)]
     except (SapoError, ValueError):  # no chat template (encode_prompt will say so), or the answer is not rendered as is
-        pass  # no chat template: encode_prompt will say so
+        pass
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
@@ -117,8 +119,8 @@ def generate_answers(model, tokenizer, task, instruction, instances, accelerator
 
     Batches hold up to `token_budget` tokens of prompt + answer ("auto": per device, tasks.generation; None: fixed
     batches of `batch_size`), at most `batch_size` sequences (None: up to 256). The active adapters are folded into
-    one (tasks.fold; `fold=False`: run them unmerged, as before). compile: HF's static cache and torch.compile of the
-    decode step (CUDA only; elsewhere a note and the plain path). engine: a tasks.served.ServedEngine that answers
+    one (tasks.fold; `fold=False`: run them unmerged, for comparison). compile: HF's static cache and torch.compile of
+    the decode step (CUDA only; elsewhere a note and the plain path). engine: a tasks.served.ServedEngine that answers
     instead of the model (the same prompts, token for token)."""
     from tqdm.auto import tqdm
 
@@ -256,25 +258,35 @@ def score_lang(instances) -> str:
 # One task
 
 
-class _TaskScoresKeys(TypedDict):
+@dataclass
+class TaskScores:
+    """What evaluate_task returns for one task (a row's entry in scores.json); TRACE's own score for its tasks."""
+
     rougeL: float
     exact_match: float
     num_instances: int
+    trace: float | None = None  # TRACE's own score (tasks/trace_metrics.py); None for a task TRACE does not define
+    trace_metric: str | None = None  # its name (accuracy, edit_similarity, rouge-L, ...)
 
+    def score(self, name: str) -> float | None:
+        """The score named `name`, one of SCORES (None: this task has no such score, e.g. trace of a non-TRACE
+        task)."""
+        if name not in SCORES:
+            raise ValueError(f"unknown score {name!r} (expected one of {', '.join(SCORES)})")
+        return getattr(self, name)
 
-class TaskScores(_TaskScoresKeys, total=False):
-    """What evaluate_task returns for one task (a row's entry in scores.json); TRACE's own score for its tasks."""
-
-    trace: float
-    trace_metric: str
+    def to_json(self) -> dict:
+        """scores.json's entry, as it has always been written: the trace keys only for a task that has them."""
+        trace = {"trace": self.trace, "trace_metric": self.trace_metric} if self.trace is not None else {}
+        return {"rougeL": self.rougeL, "exact_match": self.exact_match, **trace, "num_instances": self.num_instances}
 
 
 def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="test", max_instances=None, batch_size=16,
                   max_new_tokens=128, max_prompt_tokens=MAX_SOURCE_LENGTH, predictions_path=None, lang="en",
                   progress=True, **generation) -> TaskScores:
-    """{"rougeL", "exact_match", "num_instances"} of greedy answers on the first `max_instances` of `split`, plus
-    "trace" and "trace_metric" for a task TRACE scores its own way. Every process returns the same dict; the
-    predictions JSONL is written by the main process. `generation`: generate_answers' token_budget, compile, engine,
+    """The scores (ROUGE-L, exact match) of greedy answers on the first `max_instances` of `split`, plus TRACE's own
+    for a task TRACE scores its own way. Every process returns the same scores; the predictions JSONL is written by
+    the main process. `generation`: generate_answers' token_budget, compile, engine,
     fold."""
     instances = task.split(split)
     if max_instances is not None:
@@ -296,7 +308,7 @@ def evaluate_task(model, tokenizer, task, instruction, accelerator, *, split="te
     if predictions_path is not None and accelerator.is_main_process:
         write_text_atomic(predictions_path, "".join(strict_json(r, predictions_path) + "\n" for r in records))
     scores = {score: sum(r[score] for r in records) / len(records) for score in SCORES if score in records[0]}
-    return {**scores, **({"trace_metric": metric} if metric else {}), "num_instances": len(records)}
+    return TaskScores(**scores, trace_metric=metric, num_instances=len(records))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -484,6 +496,23 @@ def compare_table(reports: dict) -> str:
 # Command line
 
 
+@dataclass
+class GenerationFlags:
+    """The run mode's numeric flags: tasks.flags.add_config_flags builds them (help: these comments), checked against
+    GENERATION_RANGES when the command line is parsed."""
+
+    max_instances: int | None = None  # evaluate the first N instances of the split (None: all)
+    batch_size: int | None = None  # at most N sequences per generation batch (None: up to 256, the budget decides)
+    eval_token_budget: int | None = None  # prompt + new tokens per batch (None: 8192 on CPU, 1/3 of free GPU memory)
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = MAX_SOURCE_LENGTH  # longer prompts have their input text shortened (as training)
+    api_timeout: float = 600.0  # --engine openai: seconds per request
+
+
+GENERATION_RANGES = {"max_instances": Range(1), "batch_size": Range(1), "eval_token_budget": Range(1),
+                     "max_new_tokens": Range(1), "max_prompt_tokens": Range(1), "api_timeout": Range(0, low_open=True)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -502,17 +531,12 @@ def parse_args(argv=None):
     run.add_argument("--tasks", help="comma-separated task names")
     run.add_argument("--data-dir", help="SAPO-layout data directory (default: the built-in tasks)")
     run.add_argument("--split", default="test", choices=("train", "dev", "test"))
-    run.add_argument("--max-instances", type=int, help="evaluate the first N instances of the split")
+    add_config_flags(run, GenerationFlags, GENERATION_RANGES, with_defaults=True)
     run.add_argument("--instructions", help="JSON {task: instruction} to prompt with instead of the original")
     run.add_argument("--original-instructions", action="store_true",
                      help="prompt with the original instructions even when --model is a run's task folder whose "
                           "sapo_stack.json stores the instructions its tasks were trained with (the default uses those)")
     run.add_argument("--output-dir", help="write predictions/<task>.jsonl and scores.json here")
-    run.add_argument("--batch-size", type=int, default=None,
-                     help="at most N sequences per generation batch (default: up to 256; the token budget decides)")
-    run.add_argument("--eval-token-budget", type=int, default=None,
-                     help="prompt + new tokens per generation batch (default: per device: 8192 on CPU, a third of the "
-                          "free GPU memory as KV cache on CUDA)")
     run.add_argument("--eval-compile", action="store_true",
                      help="CUDA: HF static KV cache + torch.compile of the decode step (elsewhere: the plain path)")
     run.add_argument("--no-fold", action="store_true",
@@ -522,10 +546,6 @@ def parse_args(argv=None):
                           "OpenAI-compatible completions endpoint (--api-base, --served-model)")
     run.add_argument("--api-base", help="--engine openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
     run.add_argument("--served-model", help="--engine openai: the model or LoRA name the server serves")
-    run.add_argument("--api-timeout", type=float, default=600.0, help="--engine openai: seconds per request")
-    run.add_argument("--max-new-tokens", type=int, default=128)
-    run.add_argument("--max-prompt-tokens", type=int, default=MAX_SOURCE_LENGTH,
-                     help="longer prompts have their input text shortened (default: %(default)s, as training)")
     run.add_argument("--lang", default="auto", choices=("auto", "en", "zh"), help="ROUGE tokenization per task")
     run.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="base weights' dtype; auto: bf16 on a GPU that supports it, else fp32 (LoRA weights stay fp32)")
@@ -541,16 +561,11 @@ def parse_args(argv=None):
     if len(modes) != 1:
         p.error("give exactly one of RUN_DIR, --compare RUN_DIR ..., --model M --tasks a,b, or --export-adapter"
                 + (f" (got {' and '.join(modes)})" if modes else ""))
-    if args.max_instances is not None and args.max_instances < 1:
-        p.error("--max-instances must be at least 1")
     if args.engine == "openai" and not (args.api_base and args.served_model):
         p.error("--engine openai needs --api-base URL and --served-model NAME")
-    if args.eval_token_budget is not None and args.eval_token_budget < 1:
-        p.error("--eval-token-budget must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
     if args.write and args.tasks:
         p.error("--write writes a run's report; it goes with RUN_DIR or --compare, not --tasks (see --output-dir)")
+    check_ranges(vars(args), GENERATION_RANGES)  # one line naming the flag and its range (tasks/flags.py)
     return args
 
 
@@ -598,6 +613,21 @@ def read_instructions(path) -> dict:
             raise SapoError(f"{path}: task {task!r} has no instruction string")
         out[task] = instruction
     return out
+
+
+@dataclass
+class TaskResult:
+    """One task of the run mode: its scores and the instruction it was prompted with (an entry of "results" in
+    OUTPUT_DIR/scores.json)."""
+
+    task: str
+    instruction: str
+    instruction_source: str  # file (--instructions), stack (the one it was trained with) or original
+    scores: TaskScores
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "instruction": self.instruction, "instruction_source": self.instruction_source,
+                **self.scores.to_json()}
 
 
 def run_main(args):
@@ -664,17 +694,17 @@ def run_main(args):
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        results.append({"task": task.name, "instruction": instruction, "instruction_source": source, **scores})
-        trace = f"  trace {scores['trace']:.2f} ({scores['trace_metric']})" if "trace" in scores else ""
-        accelerator.print(f"{task.name}: rougeL {scores['rougeL']:.2f}  exact_match {scores['exact_match']:.2f}"
-                          f"{trace}  ({scores['num_instances']} instances)")
+        results.append(TaskResult(task.name, instruction, source, scores))
+        trace = f"  trace {scores.trace:.2f} ({scores.trace_metric})" if scores.trace is not None else ""
+        accelerator.print(f"{task.name}: rougeL {scores.rougeL:.2f}  exact_match {scores.exact_match:.2f}"
+                          f"{trace}  ({scores.num_instances} instances)")
 
     # A score is a column (and a list in scores.json) when every task has it: TRACE's only for TRACE tasks.
-    columns = [score for score in SCORES if all(score in r for r in results)]
+    columns = [score for score in SCORES if all(r.scores.score(score) is not None for r in results)]
     accelerator.print("\n| task | " + " | ".join(columns) + " | instances |\n" + "|---" * (len(columns) + 2) + "|")
     for r in results:
-        cells = " | ".join(f"{r[c]:.2f}" for c in columns)
-        accelerator.print(f"| {r['task']} | {cells} | {r['num_instances']} |")
+        cells = " | ".join(f"{r.scores.score(c):.2f}" for c in columns)
+        accelerator.print(f"| {r.task} | {cells} | {r.scores.num_instances} |")
     if staging is not None:
         for file in sorted((staging / "predictions").iterdir()):
             write_text_atomic(Path(args.output_dir) / "predictions" / file.name, file.read_text(encoding="utf-8"))
@@ -683,8 +713,8 @@ def run_main(args):
         summary = {"model": args.model, "split": args.split,
                    **({"engine": "openai", "api_base": args.api_base, "served_model": args.served_model}
                       if engine is not None else {}), "max_instances": args.max_instances,
-                   "tasks": [r["task"] for r in results], **{c: [r[c] for r in results] for c in columns},
-                   "results": results}
+                   "tasks": [r.task for r in results], **{c: [r.scores.score(c) for r in results] for c in columns},
+                   "results": [r.to_json() for r in results]}
         summary_path = Path(args.output_dir) / "scores.json"
         write_text_atomic(summary_path, strict_json(summary, summary_path, 2) + "\n")
         accelerator.print(f"wrote {args.output_dir}/scores.json and predictions/")

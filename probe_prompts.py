@@ -31,11 +31,9 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import inspect
 import io
 import itertools
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,7 @@ import score_prompts
 import train_sapo
 from tasks import IGNORE_INDEX, Encoded, SapoError, cli_main, pad_batch, render_prompt
 from tasks.errors import exit_after_main
-from tasks.flags import OneLineParser, Range, check_choices, check_ranges
+from tasks.flags import OneLineParser, Range, add_config_flags, check_choices, check_ranges, given_flags
 from tasks.launch import accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import write_json, write_text_atomic
 from tasks.records import json_safe, read_record
@@ -117,20 +115,9 @@ def parse_config(argv=None) -> tuple[ProbeConfig, bool]:
                              "paper = the original recipe")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh when the output dir holds a study with other settings (moved aside)")
-    source = inspect.getsource(train_sapo.Config) + inspect.getsource(ProbeConfig)
-    comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", source, re.M))
-    fields = [f for f in dataclasses.fields(ProbeConfig) if f.name not in NOT_FLAGS]
-    for f in fields:
-        base_type = f.type.split("|")[0].strip()
-        allowed = f"; {RANGES[f.name]}" if f.name in RANGES else ""
-        help_text = (comments.get(f.name, "") + f" (default: {f.default}{allowed})").strip().replace("%", "%%")
-        kind = {"int": int, "float": float}.get(base_type, str)
-        if base_type == "bool":
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=help_text)
+    flags = add_config_flags(parser, ProbeConfig, RANGES, skip=NOT_FLAGS)  # help: the fields' comments (tasks/flags.py)
     args = parser.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    given = given_flags(args, flags)
     preset = train_sapo.choose_preset(args.preset, given)  # demo on the offline setup, as train_sapo
     config = ProbeConfig(**{**PRESETS.get(preset, {}), **given, "preset": preset})
     names = list(dict.fromkeys([t for pair in config.pair_names() for t in pair] + config.unseen_names()))
@@ -463,10 +450,10 @@ def model_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t2, pool
     state_id = model_state_id(run.base_path, run.base_adapters) if static else state.state_id(run)
     out = []
     with static_model(state) if static else contextlib.nullcontext():
-        scores = score_prompts.score_candidates(
-            state.model, tokenizer, t2, pool, scored, accelerator, token_budget=config.score_token_budget,
-            max_length=max_length, cache_path=pair_dir / ("score_cache_static.json" if static else "score_cache.json"),
-            state_id=state_id, progress=run.progress)
+        scores = score_prompts.select_candidates(  # every candidate on every instance: the indicator of each
+            state.model, tokenizer, t2, pool, scored, accelerator, score_prompts.ScoringSettings.of(config, "sapo"),
+            cache_path=pair_dir / ("score_cache_static.json" if static else "score_cache.json"), state_id=state_id,
+            progress=run.progress)
         for c, p in enumerate(pool):
             stats = token_statistics(state.model, [encode_task_example(tokenizer, t2, p, x, max_length)
                                                    for x in scored], accelerator, config.micro_batch_size)
@@ -485,7 +472,7 @@ def model_indicators(run: train_sapo.Run, state: train_sapo.ModelState, t2, pool
                 first_token_loss=float(np.mean([nll[0] for nll, _ in stats])),
                 response_entropy=math.fsum(e for _, entropy in stats for e in entropy) / sum(len(e) for _, e in stats),
                 instruction_loss=float(np.mean(instruction_nll)), gradient_norm=gradient.norm,
-                zero_shot_rouge=zero_shot["rougeL"], zero_shot_exact_match=zero_shot["exact_match"],
+                zero_shot_rouge=zero_shot.rougeL, zero_shot_exact_match=zero_shot.exact_match,
                 length_tokens=len(tokenizer(p, add_special_tokens=False)["input_ids"]),
                 readability_grade=flesch_kincaid_grade(p), rouge_to_original=evaluate.rouge_l(p, [t2.instruction])))
     return out
@@ -567,7 +554,7 @@ def train_and_evaluate(run: train_sapo.Run, state: train_sapo.ModelState, t1, t2
     row = train_sapo.evaluate_row(arm, state, cand_dir, f"after {t2.name} with candidate {c}, seed {s}",
                                   instructions)
     back_to_s1(state, s1_adapters)
-    return {task: s["rougeL"] for task, s in row.scores.items()}
+    return {task: s.rougeL for task, s in row.scores.items()}
 
 
 @dataclass
@@ -652,7 +639,7 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
             done = read_record(arm_dir(pair_dir, c, s) / "scores.json", train_sapo.Row, default=None,
                                advice="delete it to evaluate that arm again")
             if done is not None:
-                runs.append({task: x["rougeL"] for task, x in done.scores.items()})
+                runs.append({task: x.rougeL for task, x in done.scores.items()})
                 continue
             accelerator.print(f"{t1.name}->{t2.name}: candidate {c + 1}/{len(pool)}, seed {s + 1}/{config.seeds}: "
                               f"{pool[c][:80]!r}")
@@ -1026,13 +1013,35 @@ def write_outputs(run_dir: Path, config: ProbeConfig, pairs: list[PairResult], c
 
 def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, analysis: Analysis,
                  pool: list[PoolSummary]):
+    """Every figure of the study, one PNG each in `run_dir`."""
+    plot_correlations(run_dir / "correlations.png", pairs, correlations)
+    for pair in pairs:
+        plot_scatter(run_dir / f"scatter_{pair.t1}--{pair.t2}.png", pair)
+    plot_indicators(run_dir / "indicators.png", analysis)
+    plot_noise_floor(run_dir / "noise_floor.png", pairs, analysis)
+    plot_conflict(run_dir / "conflict.png", pairs)
+    plot_pool_size(run_dir / "pool_size.png", pairs, pool)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Heatmaps (Fig. 2): one row per pair, Pearson and Spearman.
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 4.2 * len(pairs)), squeeze=False)
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def plot_correlations(path: Path, pairs: list[PairResult], correlations: dict):
+    """Heatmaps (Fig. 2): one row per pair, Pearson and Spearman."""
+    fig, axes = pyplot().subplots(len(pairs), 2, figsize=(10, 4.2 * len(pairs)), squeeze=False)
     for row, pair in enumerate(pairs):
         for col, method in enumerate(("pearson", "spearman")):
             c, ax = correlations[method][row], axes[row][col]
@@ -1045,39 +1054,39 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
                         ha="center", va="center", fontsize=8)
             ax.set_title(f"{pair.label}: {method} (mean off-diag {c.mean_off_diagonal():.2f})", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(run_dir / "correlations.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Scatter plots (Fig. 1): relative change on every two tasks, one point per candidate (x = in-task first).
-    for pair in pairs:
-        tasks = [pair.t2, *pair.cross_tasks]
-        n = len(tasks) - 1
-        fig, axes = plt.subplots(n, n, figsize=(2.6 * n, 2.6 * n), squeeze=False)
-        for i, j in itertools.product(range(n), repeat=2):
-            ax = axes[i][j]
-            if j > i:
-                ax.axis("off")
-                continue
-            x, y = pair.relative(tasks[j]), pair.relative(tasks[i + 1])
-            ax.scatter(x, y, s=14, c=["red"] + ["C0"] * (len(x) - 1))
-            finite = [(a, b) for a, b in zip(x, y) if math.isfinite(a + b)]
-            r = pearson(*zip(*finite)) if len(finite) > 1 else float("nan")
-            ax.set_title(f"Pearson r={r:.2f}", fontsize=8)
-            if i == n - 1:
-                ax.set_xlabel(tasks[j] + (" (in-task)" if j == 0 else ""), fontsize=8)
-            if j == 0:
-                ax.set_ylabel(tasks[i + 1] + (" (T1)" if i == 0 else ""), fontsize=8)
-        fig.suptitle(f"{pair.label}: relative change (score_p - score_orig) / score_orig, one point per candidate "
-                     "(red = the original)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(run_dir / f"scatter_{pair.t1}--{pair.t2}.png", dpi=80)
-        plt.close(fig)
 
-    # Indicators (Fig. 3): pooled Spearman correlation with the cross-task scores, interval, each pair's value;
-    # the static (base-model) version below the state-adaptive one.
+def plot_scatter(path: Path, pair: PairResult):
+    """Scatter plots (Fig. 1) of one pair: relative change on every two tasks, one point per candidate (x = in-task
+    first)."""
+    tasks = [pair.t2, *pair.cross_tasks]
+    n = len(tasks) - 1
+    fig, axes = pyplot().subplots(n, n, figsize=(2.6 * n, 2.6 * n), squeeze=False)
+    for i, j in itertools.product(range(n), repeat=2):
+        ax = axes[i][j]
+        if j > i:
+            ax.axis("off")
+            continue
+        x, y = pair.relative(tasks[j]), pair.relative(tasks[i + 1])
+        ax.scatter(x, y, s=14, c=["red"] + ["C0"] * (len(x) - 1))
+        finite = [(a, b) for a, b in zip(x, y) if math.isfinite(a + b)]
+        r = pearson(*zip(*finite)) if len(finite) > 1 else float("nan")
+        ax.set_title(f"Pearson r={r:.2f}", fontsize=8)
+        if i == n - 1:
+            ax.set_xlabel(tasks[j] + (" (in-task)" if j == 0 else ""), fontsize=8)
+        if j == 0:
+            ax.set_ylabel(tasks[i + 1] + (" (T1)" if i == 0 else ""), fontsize=8)
+    fig.suptitle(f"{pair.label}: relative change (score_p - score_orig) / score_orig, one point per candidate "
+                 "(red = the original)", fontsize=9)
+    save_figure(fig, path, dpi=80)
+
+
+def plot_indicators(path: Path, analysis: Analysis):
+    """Indicators (Fig. 3): pooled Spearman correlation with the cross-task scores, interval, each pair's value; the
+    static (base-model) version below the state-adaptive one."""
     names = list(analysis.indicators)
-    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.2))
+    fig, ax = pyplot().subplots(figsize=(7, 0.55 * len(names) + 1.2))
     for y, name in enumerate(names):
         for offset, table, color in ((-0.15, analysis.indicators, "C0"), (0.15, analysis.static, "C2")):
             if name not in table:
@@ -1092,12 +1101,12 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
     ax.set_xlim(-1.05, 1.05)
     ax.set_xlabel("Spearman r with the cross-task scores after training (signed: > 0 = the indicator predicts)\n"
                   "blue: under S1 (pooled, interval), green: under the base model, orange: pairs", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "indicators.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Noise floor: per pair and task, the spread due to the instruction against the spread due to the seed.
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(7, 3 * len(pairs)), squeeze=False)
+
+def plot_noise_floor(path: Path, pairs: list[PairResult], analysis: Analysis):
+    """Noise floor: per pair and task, the spread due to the instruction against the spread due to the seed."""
+    fig, axes = pyplot().subplots(len(pairs), 1, figsize=(7, 3 * len(pairs)), squeeze=False)
     for ax, pair in zip(axes[:, 0], pairs):
         rows = analysis.noise[pair.label]
         x = np.arange(len(rows))
@@ -1108,12 +1117,12 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
         ax.set_title(f"{pair.label}: variance components over {len(pair.candidates)} candidates x "
                      f"{len(pair.seed_scores[0])} seeds", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / "noise_floor.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Gradient conflict (Fig. 4): per candidate, the per-module cosines with T1's and the unseen task's gradient.
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(8, 3.4 * len(pairs)), squeeze=False)
+
+def plot_conflict(path: Path, pairs: list[PairResult]):
+    """Gradient conflict (Fig. 4): per candidate, the per-module cosines with T1's and the unseen task's gradient."""
+    fig, axes = pyplot().subplots(len(pairs), 1, figsize=(8, 3.4 * len(pairs)), squeeze=False)
     for ax, pair in zip(axes[:, 0], pairs):
         unseen = pair.conflict[0].unseen_task if pair.conflict else ""
         for offset, key, color, label in ((-0.18, "cosine_t1", "C0", f"vs T1 ({pair.t1})"),
@@ -1130,12 +1139,12 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
         ax.set_title(f"{pair.label}: per-module cosine of the gradient of T2's loss with candidate p", fontsize=9)
         ax.axhline(0, color="grey", lw=0.8)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "conflict.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
-    # Pool size (Fig. 15).
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+
+def plot_pool_size(path: Path, pairs: list[PairResult], pool: list[PoolSummary]):
+    """Pool size (Fig. 15): the cross-task relative change of SAPO's pick as the pool grows."""
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     ks = [math.log2(x.k) for x in pool]  # 1, 2, 4, ... evenly spaced
     ax.plot(ks, [100 * x.mean for x in pool], "o-")
     ax.fill_between(ks, [100 * x.ci_low for x in pool], [100 * x.ci_high for x in pool], alpha=0.3)
@@ -1144,9 +1153,7 @@ def plot_figures(run_dir: Path, pairs: list[PairResult], correlations: dict, ana
     ax.legend(fontsize=8)
     ax.set_xlabel("pool size k (original included)")
     ax.set_ylabel("cross-task relative change of the pick (%)")
-    fig.tight_layout()
-    fig.savefig(run_dir / "pool_size.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def print_summary(run_dir: Path, pairs, correlations, analysis: Analysis, pool: list[PoolSummary],

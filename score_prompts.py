@@ -50,7 +50,7 @@ from tasks.pools import PoolSource
 from tasks.prompts import MAX_LENGTH, encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
-from tasks.score_cache import model_state_id, read_score_cache, score_key
+from tasks.score_cache import CacheEntry, cached_entries, merge_into_cache, model_state_id, score_key
 from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
@@ -194,34 +194,17 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
     # 1. What is cached already. Every process must skip the same candidates: the main process's view decides.
     task_hash, inst_hash = task.content_hash(), instances_hash(list(instances))
     keys = [score_key(state_id, task_hash, c, inst_hash, max_length) for c in candidates]
-    cache = read_score_cache(cache_path) if cache_path and is_main else {}
-    if world > 1:
-        from accelerate.utils import broadcast_object_list
-
-        shared = [{k: cache[k] for k in keys if k in cache}]
-        broadcast_object_list(shared)
-        cache = shared[0]
-    results: dict[int, CandidateScore] = {}
-    for c, key in enumerate(keys):
-        entry = cache.get(key)
-        if entry and len(entry.get("instance_sums", ())) == len(instances):
-            results[c] = CandidateScore.from_sums(c, candidates[c], entry["instance_sums"], entry["instance_counts"],
-                                                  entry.get("seconds", 0.0), cached=True)
+    results: dict[int, CandidateScore] = {
+        c: CandidateScore.from_sums(c, candidates[c], entry["instance_sums"], entry["instance_counts"],
+                                    entry.get("seconds", 0.0), cached=True)
+        for c, entry in cached_entries(cache_path, keys, len(instances), is_main, world).items()}
     todo = [c for c in range(len(candidates)) if c not in results]
 
     # 2. Encode every (candidate, instance) sequence and plan the batches globally (every process does the same
     #    deterministic work: the plan needs every length).
     sharded = lockstep(model)  # FSDP2 / ZeRO-3 (tasks/sharding.py)
     setup = packing.scoring_setup(model)
-    encoded, where = [], []  # global sequence id -> Encoded, (candidate, instance)
-    lengths, prefixes = {}, {}
-    for c in todo:
-        first = len(encoded)
-        for i, inst in enumerate(instances):
-            encoded.append(encode_task_example(tokenizer, task, candidates[c], inst, max_length))
-            where.append((c, i))
-        lengths[c] = [(sid, len(encoded[sid].input_ids)) for sid in range(first, len(encoded))]
-        prefixes[c] = packing.shared_prefix(encoded[first:])
+    encoded, where, lengths, prefixes = encode_sequences(tokenizer, task, candidates, todo, instances, max_length)
     batches = packing.plan_batches(lengths, prefixes, token_budget, row_tokens, setup.attention_ratio, setup.packed)
     last_batch = {rows[0].candidate: b for b, rows in enumerate(batches)}
 
@@ -264,13 +247,9 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
                 for c in finished:
                     results[c] = CandidateScore.from_sums(c, candidates[c], sums[c], counts[c], seconds[c])
                 if finished and cache_path and is_main:
-                    # Merge into what is on disk now (another run may have added entries) and replace atomically.
-                    cache = read_score_cache(cache_path)
-                    for c in finished:
-                        cache[keys[c]] = {"task": task.name, "instruction": candidates[c], "state_id": state_id,
-                                          "instance_sums": sums[c], "instance_counts": counts[c],
-                                          "seconds": seconds[c]}
-                    write_json(cache_path, cache)
+                    merge_into_cache(cache_path, {keys[c]: CacheEntry(
+                        task=task.name, instruction=candidates[c], state_id=state_id, instance_sums=sums[c],
+                        instance_counts=counts[c], seconds=seconds[c]) for c in finished})
                 bar.update(len(gathered))
     finally:
         bar.close()
@@ -288,6 +267,22 @@ def score_candidates(model, tokenizer, task, candidates: list[str], instances, a
                      num_batches=len(batches), packing="shared-prefix" if setup.packed else "padded",
                      num_processes=world, state_id=state_id, task_hash=task_hash, instances_hash=inst_hash,
                      max_length=max_length)
+
+
+def encode_sequences(tokenizer, task, candidates: list[str], todo: list[int], instances, max_length: int):
+    """Every (candidate, instance) sequence of the candidates `todo`, numbered globally (the sequence id): the
+    encoded sequences and the (candidate, instance) of each, and per candidate the (sequence id, length) pairs and
+    the prompt prefix its sequences share (tasks/packing.py plans the batches from those)."""
+    encoded, where = [], []  # sequence id -> Encoded, (candidate, instance)
+    lengths, prefixes = {}, {}
+    for c in todo:
+        first = len(encoded)
+        for i, inst in enumerate(instances):
+            encoded.append(encode_task_example(tokenizer, task, candidates[c], inst, max_length))
+            where.append((c, i))
+        lengths[c] = [(sid, len(encoded[sid].input_ids)) for sid in range(first, len(encoded))]
+        prefixes[c] = packing.shared_prefix(encoded[first:])
+    return encoded, where, lengths, prefixes
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -355,16 +350,38 @@ def race_candidates(model, tokenizer, task, candidates: list[str], instances, ac
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def select_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None, *,
-                      method="sapo", race_first=8, race_confidence=0.95, **scoring) -> Selection:
-    """The lowest pre-update loss among `candidates` (original first). method "sapo" scores every candidate on every
-    instance (the paper); "sapo-race" races them (ours). `scoring`: score_candidates' keyword arguments."""
-    if method == "sapo":
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How a selection scores: the method and its racing settings, the forward batches' token budget, the length
+    limit of a sequence. The same for every selection of a run (train_sapo's first selection and its re-selections)."""
+
+    method: str = "sapo"  # sapo: every candidate on every instance (the paper) | sapo-race (ours): racing
+    race_first: int = 8  # sapo-race: instances of the first round
+    race_confidence: float = 0.95  # sapo-race: confidence that the best candidate is never eliminated
+    token_budget: int = 16384  # padded tokens per forward batch
+    max_length: int = MAX_LENGTH  # tokens of a sequence (prompt + answer); longer ones shorten their input text
+
+    @classmethod
+    def of(cls, config, method: str | None = None) -> "ScoringSettings":
+        """From train_sapo's Config (or a config derived from it): --select (or `method`), --race-first,
+        --race-confidence, --score-token-budget, --max-source-length + --max-target-length."""
+        return cls(method=method or config.select, race_first=config.race_first,
+                   race_confidence=config.race_confidence, token_budget=config.score_token_budget,
+                   max_length=config.max_source_length + config.max_target_length)
+
+
+def select_candidates(model, tokenizer, task, candidates: list[str], instances, accelerator=None,
+                      settings: ScoringSettings = ScoringSettings(), **scoring) -> Selection:
+    """The lowest pre-update loss among `candidates` (original first). settings.method "sapo" scores every candidate
+    on every instance (the paper); "sapo-race" races them (ours). `scoring`: score_candidates' other keyword arguments
+    (cache_path, state_id, progress, row_tokens)."""
+    scoring.update(token_budget=settings.token_budget, max_length=settings.max_length)
+    if settings.method == "sapo":
         return score_candidates(model, tokenizer, task, candidates, instances, accelerator, **scoring)
-    if method == "sapo-race":
-        return race_candidates(model, tokenizer, task, candidates, instances, accelerator, first=race_first,
-                               confidence=race_confidence, **scoring)
-    raise SapoError(f"unknown selection method {method!r} (expected one of {', '.join(SELECT_METHODS)})")
+    if settings.method == "sapo-race":
+        return race_candidates(model, tokenizer, task, candidates, instances, accelerator, first=settings.race_first,
+                               confidence=settings.race_confidence, **scoring)
+    raise SapoError(f"unknown selection method {settings.method!r} (expected one of {', '.join(SELECT_METHODS)})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -490,10 +507,11 @@ def main(argv=None):
     candidates = source.build(task, accelerator=accelerator, model=model, tokenizer=tokenizer, state_id=state_id,
                               cache_path=paraphrase_cache)
 
-    result = select_candidates(model, tokenizer, task, candidates, instances, accelerator, method=args.select,
-                               race_first=args.race_first, race_confidence=args.race_confidence,
-                               token_budget=args.token_budget, max_length=args.max_length, cache_path=cache_path,
-                               state_id=state_id, progress=not args.no_progress, row_tokens=args.row_tokens)
+    settings = ScoringSettings(method=args.select, race_first=args.race_first, race_confidence=args.race_confidence,
+                               token_budget=args.token_budget, max_length=args.max_length)
+    result = select_candidates(model, tokenizer, task, candidates, instances, accelerator, settings,
+                               cache_path=cache_path, state_id=state_id, progress=not args.no_progress,
+                               row_tokens=args.row_tokens)
     failed = None
     if accelerator.is_main_process:
         print_table(result)  # first: the scores are on screen even when the file cannot be written

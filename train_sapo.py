@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -41,7 +40,8 @@ from tasks.checkpoints import TrainLog, keep_trainable_weights, resume_training,
 from tasks.core import Task
 from tasks.divergence import check_finite_step
 from tasks.errors import exit_after_main, writing
-from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
+from tasks.flags import (MAX_SEED, POOL_RANGES, OneLineParser, Range, add_config_flags, check_choices, check_ranges,
+                         given_flags)
 from tasks.fused_ops import FUSED_OPS_CHOICES, apply_fused_ops
 from tasks.launch import TrainingRecipe, accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import load_sequence, load_task, read_json, write_json
@@ -57,6 +57,7 @@ from tasks.run_dir import RunKey, check_task_folders, open_run_dir_on_every_proc
 from tasks.schedule import lr_factor, warmup_steps_of
 from tasks.score_cache import model_state_id
 from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
+from tasks.timings import TaskTimings
 from tasks.train_batches import (build_batch, check_batch_split, global_batches, my_micro_batches, plan_micro_batches,
                                  supervised_tokens)
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
@@ -279,9 +280,8 @@ def select_instruction(run: Run, state: ModelState, task: Task, task_dir: Path) 
         else:
             selection = score_prompts.select_candidates(
                 state.model, run.tokenizer, task, pool, task.split(split)[:config.score_instances], run.accelerator,
-                method=config.select, race_first=config.race_first, race_confidence=config.race_confidence,
-                token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
-                cache_path=task_dir / "score_cache.json", state_id=state_id, progress=run.progress)
+                score_prompts.ScoringSettings.of(config), cache_path=task_dir / "score_cache.json", state_id=state_id,
+                progress=run.progress)
     chosen = TaskSelection(select=config.select, split=split, original=task.instruction, selection=selection,
                            note=note, dtype=str(state.model.dtype))
     run.save(task_dir / "selection.json", chosen.to_json())
@@ -359,7 +359,7 @@ def evaluate_row(run: Run, state: ModelState, row_dir: Path, label: str, instruc
             predictions_path=row_dir / "predictions" / f"{task.name}.jsonl", lang="auto", progress=run.progress,
             token_budget=config.eval_token_budget or "auto", compile=config.eval_compile)  # adapters folded into one
     row = Row(row=label, scores=scores, seconds=time.perf_counter() - start)
-    run.save(row_dir / "scores.json", dataclasses.asdict(row))
+    run.save(row_dir / "scores.json", row.to_json())
     return row
 
 
@@ -533,23 +533,10 @@ def parse_config(argv=None) -> tuple[Config, bool]:
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh when the output dir holds a run with another config or other data (the "
                              "old one is moved aside, not deleted)")
-    # --help text: each field's trailing comment in the Config source, plus its default.
-    comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(Config), re.M))
-    fields = [f for f in dataclasses.fields(Config) if f.name != "preset"]
-    for f in fields:
-        flag = "--" + f.name.replace("_", "-")
-        base_type = f.type.split("|")[0].strip()  # annotations are strings here ("int | None")
-        allowed = f"; {FLAG_RANGES[f.name]}" if f.name in FLAG_RANGES else ""
-        help_text = (comments.get(f.name, "") + f" (default: {f.default}{allowed})").strip().replace("%", "%%")
-        if f.name in BARE_FLAG_VALUES:
-            parser.add_argument(flag, nargs="?", const=BARE_FLAG_VALUES[f.name], default=None, help=help_text)
-        elif base_type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(base_type, str), default=None,
-                                help=help_text)
+    # One flag per Config field, its --help text the field's trailing comment, its default and its range.
+    flags = add_config_flags(parser, Config, FLAG_RANGES, skip={"preset"}, bare_values=BARE_FLAG_VALUES)
     args = parser.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    given = given_flags(args, flags)
     # Explicit flags override any preset value.
     preset = choose_preset(args.preset, given)
     config = Config(**{**PRESETS.get(preset, {}), **given, "preset": preset})
@@ -638,11 +625,8 @@ def make_reselector(run: Run, task: Task, chosen: TaskSelection, num_train: int,
     total_steps = config.epochs * math.ceil(num_train / config.global_batch_size)
 
     def score(model, instructions, instances):
-        return score_prompts.select_candidates(
-            model, run.tokenizer, task, instructions, instances, run.accelerator, method=config.select,
-            race_first=config.race_first, race_confidence=config.race_confidence,
-            token_budget=config.score_token_budget, max_length=config.max_source_length + config.max_target_length,
-            progress=False)
+        return score_prompts.select_candidates(model, run.tokenizer, task, instructions, instances, run.accelerator,
+                                               score_prompts.ScoringSettings.of(config), progress=False)
 
     return Reselector(score, [c.instruction for c in shortlist], [c.index for c in shortlist], held_out,
                       chosen.selection.instruction, config, encode, (total_steps - 1) // config.reselect_every,
@@ -749,6 +733,10 @@ class Row:
     scores: dict[str, evaluate.TaskScores]  # task name -> evaluate.evaluate_task's result
     seconds: float
 
+    def to_json(self) -> dict:
+        return {"row": self.row, "scores": {name: s.to_json() for name, s in self.scores.items()},
+                "seconds": self.seconds}
+
 
 def redo_advice(task_dir: Path) -> str:
     """What to do about a damaged record of a task (its selection or training)."""
@@ -792,32 +780,27 @@ def load_tasks(config: Config, accelerator) -> list[Task]:
     return tasks
 
 
-def write_results(run: Run, rows: list[Row], timings: dict):
+def write_results(run: Run, rows: list[Row], timings: dict[str, TaskTimings]):
     """R.json (+ the report: metrics.json, R.csv, R.png) and timings.json, rewritten after every row."""
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
     # A score is a matrix of R when every task of every row has it: TRACE's own ("trace") in a run of TRACE tasks.
-    present = [s for s in evaluate.SCORES if all(s in r.scores[n] for r in rows for n in names)]
+    present = [s for s in evaluate.SCORES if all(r.scores[n].score(s) is not None for r in rows for n in names)]
     R = {"tasks": names, "rows": [r.row for r in rows],
-         **{metric: [[r.scores[n][metric] for n in names] for r in rows] for metric in present}}
+         **{metric: [[r.scores[n].score(metric) for n in names] for r in rows] for metric in present}}
     if "trace" in present:
-        R["trace_metrics"] = {n: rows[0].scores[n]["trace_metric"] for n in names}
+        R["trace_metrics"] = {n: rows[0].scores[n].trace_metric for n in names}
     write_json(run.run_dir / "R.json", R)
     evaluate.write_report(run.run_dir)
     if timings:
-        write_json(run.run_dir / "timings.json", timings)
+        write_json(run.run_dir / "timings.json", {name: t.to_json() for name, t in timings.items()})
 
 
-def task_timings(chosen: TaskSelection, training: Training, row: Row) -> dict:
+def task_timings(chosen: TaskSelection, training: Training, row: Row) -> TaskTimings:
     """timings.json's entry of one task: selection (re-selection included) against training seconds."""
     selection_seconds = chosen.selection.seconds + sum(r.seconds for r in chosen.reselections)
-    record = {**dataclasses.asdict(training), "training_seconds": training.seconds,
-              "selection_seconds": selection_seconds, "evaluation_seconds": row.seconds}
-    del record["seconds"]
-    if training.seconds:
-        record["selection_overhead_pct"] = 100.0 * selection_seconds / training.seconds
-    return record
+    return TaskTimings.of(training, selection_seconds, row.seconds)
 
 
 def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[str, str]):
@@ -828,16 +811,16 @@ def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[s
                                      + [os.path.relpath(a, task_dir) for a in state.adapter_dirs]})  # beside it
 
 
-def print_summary(run: Run, rows: list[Row], timings: dict):
+def print_summary(run: Run, rows: list[Row], timings: dict[str, TaskTimings]):
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
     metrics = evaluate.write_report(run.run_dir)  # on TRACE's own scores when R has them, else ROUGE-L
     print(f"\n{metrics['metric']}:")
-    print(evaluate.markdown_table([[r.scores[n][metrics["metric"]] for n in names] for r in rows], names))
+    print(evaluate.markdown_table([[r.scores[n].score(metrics["metric"]) for n in names] for r in rows], names))
     print()
     print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
-    overhead = [t["selection_overhead_pct"] for t in timings.values() if t.get("selection_overhead_pct")]
+    overhead = [t.selection_overhead_pct for t in timings.values() if t.selection_overhead_pct]
     if overhead:
         print(f"selection overhead: {sum(overhead) / len(overhead):.1f}% of training time (mean over tasks)")
     print(f"results: {run.run_dir.resolve()}  (R.json, metrics.json, timings.json, per-task folders)")

@@ -26,10 +26,9 @@ Scheduling (the launch plan, `plan_launch`):
 - Grouped order (the GROUP_M swizzle of Triton's matmul tutorial, with splits in the role of column tiles): program
   ids walk GROUP_M row tiles for split 0, then the same row tiles for split 1, ...; consecutive (= co-resident)
   programs share hidden rows, and the GROUP_M programs of one split read the same weight panels at about the same
-  time. Without it (row tile fastest, as before) 128 row tiles at 16k rows read 128 MiB of hidden rows per vocabulary
-  block, far more than L2 holds, so every block re-read them from HBM. (On an H100 at Qwen3-8B's head and 16k rows
-  the kernel went from 66 ms to 30 ms with this order, the 128x256 tiles and TMA loads together:
-  bench/results/kernel_ab_before_after_h100.csv.)
+  time. Without it (row tile fastest) 128 row tiles at 16k rows read 128 MiB of hidden rows per vocabulary
+  block, far more than L2 holds, so every block re-read them from HBM. (The H100 timings with and without this
+  order, the 128x256 tiles and TMA loads: bench/results/README.md, from kernel_ab_before_after_h100.csv.)
 - Loads: on sm_90+ the scored rows are gathered once and both operands come through TMA tensor descriptors
   (USE_TMA); elsewhere, or for a head TMA cannot tile, plain pointer loads with the row gather in the kernel.
 """
@@ -54,11 +53,11 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 # Per-architecture tile configs (major compute capability -> config), bf16/fp16. CTAS_PER_SM is the residency the
 # config reaches (registers, shared memory and threads; tests/test_kernel_compile.py checks it on the compiled
 # binary); the launch plan counts wave slots with it.
-# - sm_90 (measured on an H100, bench/results/kernel_tune_h100*.csv): a 128x256 logits tile, K-step 64, 8 warps (two
-#   warpgroups, wgmma), 3 stages = 144 KiB of shared memory, one CTA per SM, GROUP_M=16 row tiles (16 MiB of hidden
-#   rows at H=4096) sharing L2. At Qwen3-8B's head and 16k rows it ran 30-32 ms against 43 ms for a two-CTA 128x128
-#   config (see SM90_TWO_CTA_CONFIGS). FLATTEN: the vocabulary and K loops are software-pipelined as one loop, so the
-#   next block's first tiles load during this block's epilogue (3-6% faster at every head measured,
+# - sm_90 (the fastest of the configs timed on an H100: bench/results/kernel_tune_h100*.csv, figures in
+#   bench/results/README.md): a 128x256 logits tile, K-step 64, 8 warps (two warpgroups, wgmma), 3 stages = 144 KiB
+#   of shared memory, one CTA per SM, GROUP_M=16 row tiles (16 MiB of hidden rows at H=4096) sharing L2; faster than
+#   the two-CTA 128x128 configs (SM90_TWO_CTA_CONFIGS). FLATTEN: the vocabulary and K loops are software-pipelined as
+#   one loop, so the next block's first tiles load during this block's epilogue (faster at every head timed,
 #   bench/results/kernel_tune_h100_flatten.csv).
 # - sm_80 (not measured; compiled only): mma.sync keeps the accumulator and operand fragments in registers, so a
 #   128x128 tile with K-step 32 and 3 stages (48 KiB), one CTA per SM, no spills.
@@ -70,8 +69,8 @@ CTAS_PER_SM = {9: 1, 8: 1}
 # Two CTAs per SM on sm_90 (ours, for tuning; `bench/gpu_suite.sh tune` times them against the default): while one
 # CTA runs its softmax epilogue the other's wgmma keeps the tensor cores busy. Pass one as `config=`; its CTAS_PER_SM
 # sizes the vocabulary split (wave slots = SMs x 2). Residency, spills and tensor cores: tests/test_kernel_compile.py.
-# - two_warpgroups_128regs: two warpgroups per CTA capped at 128 registers. H100, Qwen3-8B head, 16k rows, TMA loads:
-#   43.0 ms against 30.2 ms for the default in the same run (kernel_tune_h100_run3.csv), so not the default.
+# - two_warpgroups_128regs: two warpgroups per CTA capped at 128 registers. Slower than the default on an H100 in the
+#   same run (Qwen3-8B head, 16k rows, TMA loads: bench/results/kernel_tune_h100_run3.csv), so not the default.
 # - one_warpgroup: one warpgroup per CTA (230 registers x 128 threads), FLATTEN, 96 KiB of shared memory: two CTAs
 #   ping-pong on the SM's tensor cores without a register cap. Compiled only; not yet timed on a GPU.
 SM90_TWO_CTA_CONFIGS = {
@@ -80,7 +79,7 @@ SM90_TWO_CTA_CONFIGS = {
     "one_warpgroup": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, num_warps=4, num_stages=3, FLATTEN=True,
                           CTAS_PER_SM=2),
 }
-GPU_CONFIG = GPU_CONFIGS[9]  # the default (H100); read by ../tools/triton_aot_check.py
+GPU_CONFIG = GPU_CONFIGS[9]  # the default (H100); read by ../shared/tools/triton_aot_check.py (outside the repo)
 # In the interpreter the tiles are small so that tiny test shapes span several row tiles, groups, vocabulary blocks
 # and K steps; ~4 resident "CTAs" on 2 "SMs" make the split choice non-trivial there too.
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)

@@ -70,6 +70,36 @@ def read_score_cache(path) -> dict[str, CacheEntry]:
     return read_record(path, dict[str, CacheEntry], default={}, advice="delete it to score again")
 
 
+def cached_entries(cache_path, keys: list[str], num_instances: int, is_main: bool = True,
+                   world: int = 1) -> dict[int, CacheEntry]:
+    """Position in `keys` -> the cached entry of that key, for the keys whose entry covers all `num_instances`
+    instances. Every process must skip the same candidates: the main process reads the file, and under several
+    processes (`world` > 1, every process calling) its view is broadcast to the others."""
+    cache = read_score_cache(cache_path) if cache_path and is_main else {}
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [{k: cache[k] for k in keys if k in cache}]
+        broadcast_object_list(shared)
+        cache = shared[0]
+    found = {}
+    for position, key in enumerate(keys):
+        entry = cache.get(key)
+        if entry and len(entry.get("instance_sums", ())) == num_instances:
+            found[position] = entry
+    return found
+
+
+def merge_into_cache(cache_path, entries: dict[str, CacheEntry]):
+    """`entries` added to the cache as it is on disk now (another run may have added entries since it was read),
+    the file replaced atomically."""
+    from tasks.loaders import write_json
+
+    cache = read_score_cache(cache_path)
+    cache.update(entries)
+    write_json(cache_path, cache)
+
+
 def score_key(state_id, task_hash, instruction, inst_hash, max_length) -> str:
     text = json.dumps([SCORE_VERSION, state_id, task_hash, instruction, inst_hash, max_length])
     return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -237,14 +237,16 @@ def test_evaluate_task_scores_and_predictions(tmp_path, monkeypatch, accelerator
                                     lang="auto")
     # lang auto -> zh (a reference holds Chinese). rougeL: 100, 0, 2*(2/3)/(5/3) = 80, "the cat sat" vs "the cat sat
     # down" (word tokens): 6/7; EM: 100, 0, 0, 0
-    assert math.isclose(scores["rougeL"], (100 + 0 + 80 + 600 / 7) / 4)
-    assert scores["exact_match"] == 25.0 and scores["num_instances"] == 4
+    assert math.isclose(scores.rougeL, (100 + 0 + 80 + 600 / 7) / 4) and scores.score("rougeL") == scores.rougeL
+    assert scores.exact_match == 25.0 and scores.num_instances == 4
+    assert scores.trace is None and scores.score("trace") is None  # not a TRACE task
+    assert scores.to_json() == {"rougeL": scores.rougeL, "exact_match": 25.0, "num_instances": 4}  # as always written
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [r["prediction"] for r in records] == answers
     assert records[0] == {"input": "a", "references": ["yes", "Yes!"], "prediction": "YES", "rougeL": 100.0,
                           "exact_match": 100.0}
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
-    assert evaluate.evaluate_task(None, None, task, "x", accelerator, max_instances=2)["num_instances"] == 2
+    assert evaluate.evaluate_task(None, None, task, "x", accelerator, max_instances=2).num_instances == 2
     with pytest.raises(SapoError):
         evaluate.evaluate_task(None, None, task, "x", accelerator, split="dev")  # empty split
 
@@ -440,14 +442,14 @@ def test_run_prompts_with_the_stack_instructions(tmp_path, monkeypatch, capsys):
 
     def fake_evaluate_task(model, tokenizer, task, instruction, accelerator, **kwargs):
         used[task.name] = (instruction, next(model.parameters()).dtype)
-        return {"rougeL": 50.0, "exact_match": 0.0, "num_instances": 7}
+        return evaluate.TaskScores(rougeL=50.0, exact_match=0.0, num_instances=7)
 
     monkeypatch.setattr(evaluate, "evaluate_task", fake_evaluate_task)
     args = ["--model", str(task_dir), "--tasks", "alpha_task,beta_task", "--data-dir", str(data), "--dtype", "bf16"]
     results = evaluate.main(args)
     assert used == {"alpha_task": ("Say {positive} or {negative}.", torch.bfloat16),
                     "beta_task": (original, torch.bfloat16)}
-    assert [r["instruction_source"] for r in results] == ["stack", "original"]
+    assert [r.instruction_source for r in results] == ["stack", "original"]
     assert (f"note: alpha_task prompted with the instructions stored in {task_dir / 'sapo_stack.json'}"
             in capsys.readouterr().out)
     evaluate.main(args + ["--original-instructions", "--dtype", "auto"])
@@ -455,7 +457,7 @@ def test_run_prompts_with_the_stack_instructions(tmp_path, monkeypatch, capsys):
     given = tmp_path / "given.json"
     given.write_text(json.dumps({"alpha_task": "Answer positive or negative."}))
     results = evaluate.main(args + ["--instructions", str(given)])
-    assert used["alpha_task"][0] == "Answer positive or negative." and results[0]["instruction_source"] == "file"
+    assert used["alpha_task"][0] == "Answer positive or negative." and results[0].instruction_source == "file"
 
 
 def test_shortened_inputs_are_noted(one_thread, accelerator, capsys):

@@ -245,9 +245,7 @@ def test_reselector_on_a_real_scorer_tests_the_scored_per_instance_sums():
     best = min(range(3), key=lambda c: scored[c].score)
     def score(model, instructions, instances):  # as train_sapo.make_reselector binds it
         return score_prompts.select_candidates(model, tok, task, instructions, instances, Accelerator(),
-                                               method="sapo", token_budget=config.score_token_budget,
-                                               max_length=config.max_source_length + config.max_target_length,
-                                               progress=False)
+                                               score_prompts.ScoringSettings.of(config), progress=False)
 
     reselect = Reselector(score, shortlist, [0, 5, 9], held_out, shortlist[worst], config,
                           lambda text: ["encoded: " + text], rescorings=1)

@@ -2,6 +2,7 @@
 adapter, no row, the last finite checkpoint kept) and every JSON written is strict; length limits beyond the model's
 context; run records of the wrong shape; text no tokenizer can encode; SIGTERM like SIGINT, then a resume equal to an
 uninterrupted run; a GGUF file as --model."""
+import inspect
 import json
 import math
 import os
@@ -125,8 +126,9 @@ def test_a_non_finite_candidate_score_is_an_error_not_a_pick(model_dir):
         score_prompts.select_candidates(model, tokenizer, task, pool, task.train[:2], progress=False)
     # racing goes through the same scorer
     with pytest.raises(SapoError, match=r"^task sentiment: candidate 0 scored nan"):
-        score_prompts.select_candidates(model, tokenizer, task, pool, task.train[:2], method="sapo-race",
-                                        race_first=2, progress=False)
+        score_prompts.select_candidates(model, tokenizer, task, pool, task.train[:2],
+                                        settings=score_prompts.ScoringSettings(method="sapo-race", race_first=2),
+                                        progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def test_score_prompts_max_length_beyond_the_context_is_refused(model_dir, tmp_p
     real = score_prompts.select_candidates
 
     def record(*a, **k):
-        scored["max_length"] = k["max_length"]
+        scored["max_length"] = inspect.signature(real).bind(*a, **k).arguments["settings"].max_length
         return real(*a, **k)
 
     monkeypatch.setattr(score_prompts, "select_candidates", record)

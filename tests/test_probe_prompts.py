@@ -380,7 +380,7 @@ def test_indicators_under_s1_and_under_the_base_model_against_direct_computation
             assert got[c].first_token_loss == pytest.approx(np.mean(first), rel=1e-4)
             zero_shot = evaluate.evaluate_task(plain, tok, task, p, accelerator, split="train", max_instances=4,
                                                batch_size=4, max_new_tokens=4, max_prompt_tokens=256, progress=False)
-            assert got[c].zero_shot_rouge == pytest.approx(zero_shot["rougeL"])
+            assert got[c].zero_shot_rouge == pytest.approx(zero_shot.rougeL)
             norm = math.sqrt(sum(float(g.square().sum()) for g in autograd_weight_gradients(plain, encoded).values()))
             assert got[c].gradient_norm == pytest.approx(norm, rel=1e-4)
     assert adaptive[0].pre_update_loss != pytest.approx(static[0].pre_update_loss, rel=1e-3)  # S1 is not the base
@@ -547,7 +547,7 @@ def test_study_end_to_end_then_resume_recomputes_nothing(model_dir, tmp_path, mo
         again = real_evaluate(state, load_tokenizer(model_dir), task, instruction or task.instruction,
                                        Accelerator(cpu=True), max_instances=4, batch_size=4, max_new_tokens=4,
                                        max_prompt_tokens=256, progress=False)
-        assert again["rougeL"] == pytest.approx(recorded[name]["rougeL"], abs=1e-9)
+        assert again.rougeL == pytest.approx(recorded[name]["rougeL"], abs=1e-9)
 
     # Rerun: every result is on disk; no model is loaded, trained, scored or run.
     before = (out / "summary.json").read_text()

@@ -30,7 +30,7 @@ def setup_case(arch, seed, n_candidates, n_instances, task_name="sentiment"):
 
 
 def t_cdf_by_integration(z, dof, steps=4000):
-    """P(T <= z) for Student's t by Simpson's rule on the density: independent of score_prompts.student_t_cdf."""
+    """P(T <= z) for Student's t by Simpson's rule on the density: independent of tasks.racing.student_t_cdf."""
     log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
     f = lambda t: math.exp(log_c - (dof + 1) / 2 * math.log1p(t * t / dof))  # noqa: E731
     h = z / steps

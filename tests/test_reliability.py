@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
+import probe_prompts
 import score_prompts
 import train_sapo
 from tasks.errors import SapoError, cli_main, release_main_resources, writing, writing_under
+from tasks.flags import OneLineParser, Range, add_config_flags, given_flags
 from tasks.run_dir import CONFIG_FILE, KEY_FIELD, RunKey, RunLock, check_writable_file, open_run_dir
 from test_tasks import write_sapo_dir
 from tiny import save_tiny_model_dir, tiny_model
@@ -98,6 +101,68 @@ def test_score_prompts_refuses_bad_values_at_parse_time(flag, value, message):
     with pytest.raises(SapoError) as e:
         score_prompts.parse_args(["--task", "sentiment", flag, value])
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-instances", "0", "--max-instances 0: must be >= 1"),
+    ("--batch-size", "0", "--batch-size 0: must be >= 1"),
+    ("--eval-token-budget", "-1", "--eval-token-budget -1: must be >= 1"),
+    ("--max-new-tokens", "0", "--max-new-tokens 0: must be >= 1"),
+    ("--max-prompt-tokens", "0", "--max-prompt-tokens 0: must be >= 1"),
+    ("--api-timeout", "0", "--api-timeout 0.0: must be > 0"),
+])
+def test_evaluate_refuses_bad_values_at_parse_time(flag, value, message, capsys):
+    """evaluate.py's numeric flags go through the same Range checks as the other scripts': one line, exit 2."""
+    argv = ["--model", "m", "--tasks", "a", flag, value]
+    with pytest.raises(SapoError) as e:
+        evaluate.parse_args(argv)
+    assert str(e.value) == message
+    assert exit_line(evaluate.main, argv, capsys) == (2, f"error: {message}")
+
+
+def test_every_numeric_evaluate_flag_has_a_range_and_keeps_its_default():
+    numeric = {f.name for f in dataclasses.fields(evaluate.GenerationFlags)
+               if f.type.split("|")[0].strip() in ("int", "float")}
+    assert numeric and numeric - set(evaluate.GENERATION_RANGES) == set()
+    args = evaluate.parse_args(["--model", "m", "--tasks", "a"])
+    assert (args.max_instances, args.batch_size, args.eval_token_budget, args.max_new_tokens, args.api_timeout) == \
+        (None, None, None, 128, 600.0)
+    assert evaluate.parse_args(["--model", "m", "--tasks", "a", "--max-new-tokens", "7"]).max_new_tokens == 7
+
+
+@dataclasses.dataclass
+class FlagsBase:
+    count: int = 3  # how many things
+    ratio: float | None = None  # a share of them
+    mode: str = "off"  # on | off | auto
+    loud: bool = False
+
+
+@dataclasses.dataclass
+class FlagsDerived(FlagsBase):
+    ratio: float | None = 0.5
+    extra: str = "x"  # ours: the derived class's own
+
+
+def test_config_flags_take_type_help_and_bare_values_from_the_dataclass():
+    parser = OneLineParser()
+    names = add_config_flags(parser, FlagsDerived, {"count": Range(1)}, skip={"extra"}, bare_values={"mode": "on"})
+    assert names == ["count", "ratio", "mode", "loud"]
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["count"] == "how many things (default: 3; >= 1)"
+    assert helps["ratio"] == "a share of them (default: 0.5)"  # the base's comment, the derived default
+    assert helps["loud"] == "(default: False)"
+    args = parser.parse_args(["--count", "4", "--ratio", "0.25", "--mode", "--no-loud"])
+    assert given_flags(args, names) == {"count": 4, "ratio": 0.25, "mode": "on", "loud": False}
+    assert given_flags(parser.parse_args([]), names) == {}
+    with pytest.raises(SapoError, match="argument --count: invalid int value: 'x'"):
+        parser.parse_args(["--count", "x"])
+    # the probe's flags: train_sapo's fields with their comments, and its own
+    probe_parser = OneLineParser()
+    add_config_flags(probe_parser, probe_prompts.ProbeConfig, probe_prompts.RANGES, skip=probe_prompts.NOT_FLAGS)
+    probe = {a.dest: a.help for a in probe_parser._actions}
+    assert probe["seeds"].startswith("ours: each (pair, candidate) arm trained with S seeds") and \
+        probe["score_instances"] == "candidates are scored on the first N training instances (default: 250; >= 1)"
 
 
 def test_lora_targets_are_checked_against_the_model():

@@ -205,6 +205,37 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         sp.score_candidates(model, tok, task, CANDIDATES, task.train, cache_path=str(cache), progress=False)
 
 
+def test_scoring_settings_carry_the_config_and_select_like_the_scorers_called_by_hand():
+    import train_sapo
+
+    config = train_sapo.Config(select="sapo-race", race_first=3, race_confidence=0.9, score_token_budget=260,
+                               max_source_length=100, max_target_length=20)
+    settings = sp.ScoringSettings.of(config)
+    assert settings == sp.ScoringSettings(method="sapo-race", race_first=3, race_confidence=0.9, token_budget=260,
+                                          max_length=120)
+    assert sp.ScoringSettings.of(config, "sapo").method == "sapo"  # the probe: every candidate, whatever --select
+    assert sp.ScoringSettings() == sp.ScoringSettings.of(train_sapo.Config(select="sapo", max_source_length=1536,
+                                                                           max_target_length=128))
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), arch="llama")
+    task = make_task()
+    def strip(selection):  # every field but the times
+        record = {k: v for k, v in dataclasses.asdict(selection).items() if k not in ("seconds", "rounds")}
+        return {**record, "candidates": [{k: v for k, v in c.items() if k != "seconds"} for c in record["candidates"]],
+                "rounds": [{k: v for k, v in r.items() if k != "seconds"} for r in selection.to_json()["rounds"]]}
+
+    raced = sp.select_candidates(model, tok, task, CANDIDATES, task.train, None, settings, progress=False)
+    by_hand = sp.race_candidates(model, tok, task, CANDIDATES, task.train, first=3, confidence=0.9, token_budget=260,
+                                 max_length=120, progress=False)
+    assert raced.method == "sapo-race" and raced.max_length == 120 and strip(raced) == strip(by_hand)
+    exhaustive = sp.select_candidates(model, tok, task, CANDIDATES, task.train, None,
+                                      sp.ScoringSettings.of(config, "sapo"), progress=False)
+    assert strip(exhaustive) == strip(sp.score_candidates(model, tok, task, CANDIDATES, task.train, token_budget=260,
+                                                          max_length=120, progress=False))
+    with pytest.raises(SapoError, match="unknown selection method 'best'"):
+        sp.select_candidates(model, tok, task, CANDIDATES, task.train, None, sp.ScoringSettings(method="best"))
+
+
 def test_model_state_id_follows_the_adapter_content(tmp_path):
     model_dir = save_tiny_model_dir(tmp_path / "model")
     adapter = tmp_path / "adapter"
@@ -464,3 +495,19 @@ def test_cli_missing_train_split_points_to_dev(tmp_path):
     proc = subprocess.run([sys.executable, "score_prompts.py", "--data-dir", str(data), "--task", "tiny_sentiment"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--split dev" in proc.stderr
+
+
+def test_cache_merge_keeps_what_another_run_added_and_lookup_skips_short_entries(tmp_path):
+    from tasks.score_cache import cached_entries, merge_into_cache
+
+    path = tmp_path / "score_cache.json"
+
+    def entry(n):
+        return {"task": "t", "instruction": "i", "state_id": "s", "instance_sums": [1.0] * n,
+                "instance_counts": [2] * n, "seconds": 0.5}
+
+    merge_into_cache(path, {"a": entry(3)})
+    merge_into_cache(path, {"b": entry(2)})  # another scoring's write in between: both kept
+    assert json.loads(path.read_text()) == {"a": entry(3), "b": entry(2)}
+    assert cached_entries(path, ["b", "x", "a"], 3) == {2: entry(3)}  # b covers 2 instances only; x is not cached
+    assert cached_entries(None, ["a"], 3) == {} and cached_entries(path, ["a"], 3, is_main=False) == {}

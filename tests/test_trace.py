@@ -126,9 +126,9 @@ def test_trace_scores_chinese_references_by_character(trace_dir, monkeypatch, fr
     accelerator = Accelerator(cpu=True)
     scores = evaluate.evaluate_task(None, None, summary, summary.instruction, accelerator, lang="auto")
     # characters: prediction 明年要修路 (5), reference 明年修路 (4), LCS 4: P = 4/5, R = 1, F = 2PR/(P+R) = 8/9
-    assert math.isclose(scores["rougeL"], 800 / 9) and scores["exact_match"] == 0.0
+    assert math.isclose(scores.rougeL, 800 / 9) and scores.exact_match == 0.0
     scores = evaluate.evaluate_task(None, None, cstance, cstance.instruction, accelerator, lang="auto")
-    assert scores["rougeL"] == 50.0 and scores["exact_match"] == 50.0  # "A" right, "C" for "B" wrong
+    assert scores.rougeL == 50.0 and scores.exact_match == 50.0  # "A" right, "C" for "B" wrong
 
 
 def test_train_sapo_runs_trace_and_trains_the_empty_instruction_without_selection(trace_dir, tmp_path):
@@ -234,12 +234,15 @@ def test_trace_scores_reach_evaluate_and_the_report(trace_dir, tmp_path, monkeyp
         task = load_task(name, trace_dir)
         got[name] = evaluate.evaluate_task(None, None, task, task.instruction, accelerator, lang="auto",
                                            predictions_path=tmp_path / "pred" / f"{name}.jsonl")
-    assert got["C-STANCE"]["trace"] == 50.0 and got["C-STANCE"]["trace_metric"] == "accuracy"
+    assert got["C-STANCE"].trace == 50.0 and got["C-STANCE"].trace_metric == "accuracy"
     # "a+b" vs "a + b": difflib matches "a", "+", "b": 2*3/8 = 75
-    assert got["Py150"]["trace"] == 75.0 and got["Py150"]["trace_metric"] == "edit_similarity"
-    assert got["ScienceQA"]["trace"] == 50.0 and got["ScienceQA"]["exact_match"] == 0.0  # letter B right, then A wrong
-    assert math.isclose(got["MeetingBank"]["trace"], 75.0, abs_tol=1e-5)
-    assert "trace" not in got["CN-SUMMARY"] and "trace_metric" not in got["CN-SUMMARY"]  # no TRACE definition
+    assert got["Py150"].trace == 75.0 and got["Py150"].trace_metric == "edit_similarity"
+    assert got["Py150"].to_json() == {"rougeL": got["Py150"].rougeL, "exact_match": 0.0, "trace": 75.0,
+                                      "trace_metric": "edit_similarity", "num_instances": 1}  # scores.json's keys
+    assert got["ScienceQA"].trace == 50.0 and got["ScienceQA"].exact_match == 0.0  # letter B right, then A wrong
+    assert math.isclose(got["MeetingBank"].trace, 75.0, abs_tol=1e-5)
+    assert got["CN-SUMMARY"].trace is None and got["CN-SUMMARY"].trace_metric is None  # no TRACE definition
+    assert set(got["CN-SUMMARY"].to_json()) == {"rougeL", "exact_match", "num_instances"}
     record = json.loads((tmp_path / "pred" / "Py150.jsonl").read_text().splitlines()[0])
     assert record["prediction"] == "a+b" and record["trace"] == 75.0
 

@@ -1,5 +1,6 @@
 """train_sapo.py end to end on a tiny model: every method and selection mode, resume, reload with stock peft,
 the O-LoRA penalty, the learning-rate schedule, and 1 vs 2 processes."""
+import dataclasses
 import json
 import math
 import os
@@ -60,7 +61,7 @@ def reload_and_score(model_dir, out, R):
         result = evaluate.evaluate_task(peft_model, tokenizer, task, instruction, Accelerator(),
                                         max_instances=config["eval_instances"], batch_size=4,
                                         max_new_tokens=config["max_new_tokens"], progress=False)
-        scores.append(result["rougeL"])
+        scores.append(result.rougeL)
     return scores
 
 
@@ -331,3 +332,53 @@ def test_generated_pool_is_sampled_once_and_shared_by_every_process(model_dir, t
     assert [c["instruction"] for c in selection["candidates"]] == pools[0]
     cache = json.loads((tmp_path / "run" / "paraphrases.json").read_text())  # cached once, next to the run
     assert [entry["paraphrases"] for entry in cache.values()] == [pools[0][1:]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Typed run records read what earlier versions wrote, and write it back key for key.
+
+SCORES_JSON_BEFORE = {  # a row of R as train_sapo.py wrote it when a task's scores were a plain dict
+    "row": "after sentiment",
+    "scores": {"sentiment": {"rougeL": 62.5, "exact_match": 50.0, "num_instances": 16},
+               "Py150": {"rougeL": 40.0, "exact_match": 0.0, "trace": 75.0, "trace_metric": "edit_similarity",
+                         "num_instances": 4}},
+    "seconds": 3.25}
+
+
+def test_a_row_written_before_the_typed_scores_reads_and_writes_back_the_same(tmp_path):
+    from tasks import SapoError
+    from tasks.records import read_record
+
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps(SCORES_JSON_BEFORE, indent=2))
+    row = read_record(path, train_sapo.Row)
+    sentiment, py150 = row.scores["sentiment"], row.scores["Py150"]
+    assert (sentiment.rougeL, sentiment.exact_match, sentiment.num_instances, sentiment.trace) == (62.5, 50.0, 16, None)
+    assert (py150.score("trace"), py150.trace_metric, py150.score("exact_match")) == (75.0, "edit_similarity", 0.0)
+    assert json.dumps(row.to_json()) == json.dumps(SCORES_JSON_BEFORE)  # the same keys, in the same order
+    with pytest.raises(ValueError, match="unknown score 'rouge'"):
+        sentiment.score("rouge")
+    damaged = {**SCORES_JSON_BEFORE, "scores": {"sentiment": {"rougeL": 1.0, "exact_match": 0.0}}}
+    path.write_text(json.dumps(damaged))
+    with pytest.raises(SapoError, match="scores.json record: missing key scores.sentiment.num_instances"):
+        read_record(path, train_sapo.Row)
+
+
+def test_task_timings_are_the_timings_json_entry_written_before():
+    training = train_sapo.Training(steps=12, accumulation=2, warmup_steps=1, seconds=40.0, reselection_seconds=1.5,
+                                   gradient_checkpointing="off", estimated_peak_bytes=10, peak_memory_bytes=9,
+                                   peak_memory="rss")
+    chosen = train_sapo.TaskSelection(select="sapo", split="train", original="o", selection=train_sapo.score_prompts
+                                      .Selection(task="t", method="sapo", selected=0, instruction="o", candidates=[],
+                                                 seconds=8.0),
+                                      reselections=[train_sapo.Reselection(5, [0], [1.0], 0, 0, None, None, False, "o",
+                                                                           2.0)])
+    row = train_sapo.Row(row="after t", scores={}, seconds=3.0)
+    timings = train_sapo.task_timings(chosen, training, row)
+    # timings.json's entry, key for key and in order, as the dict-building code wrote it
+    assert json.dumps(timings.to_json()) == json.dumps({
+        "steps": 12, "accumulation": 2, "warmup_steps": 1, "reselection_seconds": 1.5, "gradient_checkpointing": "off",
+        "estimated_peak_bytes": 10, "peak_memory_bytes": 9, "peak_memory": "rss", "training_seconds": 40.0,
+        "selection_seconds": 10.0, "evaluation_seconds": 3.0, "selection_overhead_pct": 25.0})
+    untimed = train_sapo.task_timings(chosen, dataclasses.replace(training, seconds=0.0), row)
+    assert untimed.selection_overhead_pct is None and "selection_overhead_pct" not in untimed.to_json()
