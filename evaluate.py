@@ -77,7 +77,7 @@ import torch
 
 from tasks.errors import SapoError, cli_main, exit_after_main
 from tasks.flags import Range, add_config_flags, check_ranges
-from tasks.loaders import strict_json, write_text_atomic
+from tasks.loaders import strict_json, write_json, write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
     render_response
 from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
@@ -479,6 +479,19 @@ def write_report(run_dir, metric=None) -> dict:
     except OSError as e:
         raise SapoError(f"cannot write the report into {run_dir}: {e.strerror or e}") from None
     return metrics
+
+
+def write_matrix(run_dir, task_names: list[str], rows: list[tuple[str, dict[str, TaskScores]]]):
+    """R.json of a run from its rows, (label, task name -> TaskScores) in order: one matrix per score every task of
+    every row has (TRACE's own, "trace", in a run of TRACE tasks, with each task's metric name), then the report
+    (write_report: metrics.json, R.csv, R.png)."""
+    present = [s for s in SCORES if all(scores[n].score(s) is not None for _, scores in rows for n in task_names)]
+    R = {"tasks": task_names, "rows": [label for label, _ in rows],
+         **{s: [[scores[n].score(s) for n in task_names] for _, scores in rows] for s in present}}
+    if "trace" in present:
+        R["trace_metrics"] = {n: rows[0][1][n].trace_metric for n in task_names}
+    write_json(Path(run_dir) / "R.json", R)
+    return write_report(run_dir)
 
 
 def compare_table(reports: dict) -> str:

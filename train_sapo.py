@@ -26,7 +26,7 @@ import math
 import os
 import re
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ import torch
 import evaluate
 import score_prompts
 from tasks import SapoError, cli_main
-from tasks.attention import ATTENTION_CHOICES, set_training_attention
+from tasks.attention import ATTENTION_CHOICES, training_attention
 from tasks.checkpoints import TrainLog, keep_trainable_weights, resume_training, save_adapter, save_checkpoint
 from tasks.core import Task
 from tasks.divergence import check_finite_step
@@ -54,10 +54,10 @@ from tasks.prompts import MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH, encode_task_exam
 from tasks.records import from_record, read_record
 from tasks.reselection import Reselection, Reselector, reselection_instances, shortlist_of
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir_on_every_process, pool_hash
-from tasks.schedule import lr_factor, warmup_steps_of
+from tasks.schedule import adamw_with_schedule, warmup_steps_of
 from tasks.score_cache import model_state_id
 from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
-from tasks.timings import TaskTimings
+from tasks.timings import TaskTimings, TrainingClock
 from tasks.train_batches import (build_batch, check_batch_split, global_batches, my_micro_batches, plan_micro_batches,
                                  supervised_tokens)
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
@@ -565,46 +565,6 @@ def micro_batches(encoded, batch: list[int], config, layout: str, rank: int, wor
     return my_micro_batches(plan, rank, world)
 
 
-def adamw_with_schedule(trainable, config, total_steps: int, warmup_steps: int):
-    """AdamW on the adapter's weights, and its learning-rate schedule (tasks/schedule.py) as a LambdaLR stepped by
-    hand once per optimizer step: accelerate's prepared scheduler steps once per process, which would make the
-    schedule depend on the number of processes."""
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
-    return optimizer, scheduler
-
-
-def training_attention(accelerator, net, attention: str) -> str | None:
-    """Ours: --attention flex switches the model to FlexAttention for training; returns the implementation to put
-    back after it (None: nothing changed)."""
-    if attention == "sdpa":
-        return None
-    if attention == "flex" and accelerator.device.type != "cuda":
-        raise SapoError("--attention flex trains on a CUDA GPU only: torch's FlexAttention has no backward on CPU")
-    return set_training_attention(net, attention)
-
-
-class TrainingClock:
-    """A task's training seconds: this segment's wall time, plus `earlier` (the resumed segments'), minus the time
-    spent `paused` (re-selection, which is selection time)."""
-
-    def __init__(self):
-        self.start, self.earlier, self.excluded = time.perf_counter(), 0.0, 0.0
-
-    @property
-    def seconds(self) -> float:
-        return self.earlier + time.perf_counter() - self.start - self.excluded
-
-    @contextmanager
-    def paused(self):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded += time.perf_counter() - start
-
-
 def encode_training_set(tokenizer, task, instruction, instances, config):
     max_length = config.max_source_length + config.max_target_length
     return [encode_task_example(tokenizer, task, instruction, inst, max_length)
@@ -782,19 +742,10 @@ def load_tasks(config: Config, accelerator) -> list[Task]:
 
 def write_results(run: Run, rows: list[Row], timings: dict[str, TaskTimings]):
     """R.json (+ the report: metrics.json, R.csv, R.png) and timings.json, rewritten after every row."""
-    if not run.accelerator.is_main_process:
-        return
-    names = [t.name for t in run.tasks]
-    # A score is a matrix of R when every task of every row has it: TRACE's own ("trace") in a run of TRACE tasks.
-    present = [s for s in evaluate.SCORES if all(r.scores[n].score(s) is not None for r in rows for n in names)]
-    R = {"tasks": names, "rows": [r.row for r in rows],
-         **{metric: [[r.scores[n].score(metric) for n in names] for r in rows] for metric in present}}
-    if "trace" in present:
-        R["trace_metrics"] = {n: rows[0].scores[n].trace_metric for n in names}
-    write_json(run.run_dir / "R.json", R)
-    evaluate.write_report(run.run_dir)
-    if timings:
-        write_json(run.run_dir / "timings.json", {name: t.to_json() for name, t in timings.items()})
+    if run.accelerator.is_main_process:
+        evaluate.write_matrix(run.run_dir, [t.name for t in run.tasks], [(r.row, r.scores) for r in rows])
+        if timings:
+            write_json(run.run_dir / "timings.json", {name: t.to_json() for name, t in timings.items()})
 
 
 def task_timings(chosen: TaskSelection, training: Training, row: Row) -> TaskTimings:

@@ -18,6 +18,8 @@ import functools
 
 import torch
 
+from tasks.errors import SapoError
+
 FLEX_ATTENTION = "sapo_flex"  # the name registered with transformers' AttentionInterface
 ATTENTION_CHOICES = ("sdpa", "flex")
 
@@ -77,3 +79,13 @@ def set_training_attention(net, attention: str) -> str:
     else:
         net.set_attn_implementation("sdpa")
     return before
+
+
+def training_attention(accelerator, net, attention: str) -> str | None:
+    """Ours: --attention flex switches the model to FlexAttention for training; returns the implementation to put
+    back after it (None: nothing changed)."""
+    if attention == "sdpa":
+        return None
+    if attention == "flex" and accelerator.device.type != "cuda":
+        raise SapoError("--attention flex trains on a CUDA GPU only: torch's FlexAttention has no backward on CPU")
+    return set_training_attention(net, attention)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def warmup_steps_of(config, total_steps: int) -> int:
     """Warmup steps of a task: round(ratio x steps); warmup-log takes the authors' rule, ceil(ratio x steps)
@@ -41,3 +43,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(trainable, config, total_steps: int, warmup_steps: int):
+    """AdamW on the adapter's weights, and its learning-rate schedule (tasks/schedule.py) as a LambdaLR stepped by
+    hand once per optimizer step: accelerate's prepared scheduler steps once per process, which would make the
+    schedule depend on the number of processes."""
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule))
+    return optimizer, scheduler

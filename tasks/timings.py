@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -39,3 +41,23 @@ class TaskTimings:
         """timings.json's entry: the fields in order, then selection_overhead_pct when it is defined."""
         overhead = self.selection_overhead_pct
         return {**dataclasses.asdict(self), **({"selection_overhead_pct": overhead} if overhead is not None else {})}
+
+
+class TrainingClock:
+    """A task's training seconds: this segment's wall time, plus `earlier` (the resumed segments'), minus the time
+    spent `paused` (re-selection, which is selection time)."""
+
+    def __init__(self):
+        self.start, self.earlier, self.excluded = time.perf_counter(), 0.0, 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.start - self.excluded
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start

@@ -13,6 +13,7 @@ import torch
 
 import train_sapo
 from tasks.olora import olora_penalty
+from tasks.schedule import lr_factor
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -206,9 +207,9 @@ WARMUP_LOG_W5 = [0.0, 0.0, 0.430677, 0.682606, 0.861353, 1.0, 1.0, 1.0, 1.0, 1.0
 
 
 def test_warmup_log_schedule_matches_the_hand_table(model_dir, tmp_path):
-    assert [train_sapo.lr_factor(s, 15, 5, "warmup-log") for s in range(15)] == pytest.approx(WARMUP_LOG_W5, abs=1e-6)
+    assert [lr_factor(s, 15, 5, "warmup-log") for s in range(15)] == pytest.approx(WARMUP_LOG_W5, abs=1e-6)
     # DeepSpeed floors warmup_num_steps at 2: W = 1 behaves as W = 2.
-    assert [train_sapo.lr_factor(s, 4, 1, "warmup-log") for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    assert [lr_factor(s, 4, 1, "warmup-log") for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
     # Warmup steps: the authors' rule (transformers' get_warmup_steps, ceil) for warmup-log; round for the others.
     ratio = train_sapo.Config(warmup_ratio=0.05, schedule="warmup-log")
     assert train_sapo.warmup_steps_of(ratio, 130) == 7 and train_sapo.warmup_steps_of(ratio, 160) == 8
