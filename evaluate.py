@@ -562,6 +562,9 @@ def parse_args(argv=None):
     run.add_argument("--lang", default="auto", choices=("auto", "en", "zh"), help="ROUGE tokenization per task")
     run.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="base weights' dtype; auto: bf16 on a GPU that supports it, else fp32 (LoRA weights stay fp32)")
+    run.add_argument("--allow-beyond-context", action="store_true",
+                     help="allow --max-prompt-tokens + --max-new-tokens beyond the model's max_position_embeddings (a "
+                          "model with context extension)")
     run.add_argument("--no-progress", action="store_true")
     p.add_argument("--export-adapter", nargs=2, metavar=("TASK_DIR", "OUT_DIR"),
                    help="write the adapter stack of a run's task folder (RUN_DIR/<k>-<task>) folded into one stock "
@@ -651,7 +654,7 @@ def run_main(args):
     launch = check_launch("evaluate.py")
 
     from tasks.loaders import load_task
-    from tasks.models import STACK_FILE, load_model, load_tokenizer, read_stack, resolve_dtype
+    from tasks.models import STACK_FILE, check_context, load_model, load_tokenizer, read_stack, resolve_dtype
 
     accelerator = Accelerator(**accelerator_kwargs(launch))
     check_accelerator(accelerator, "evaluate.py")
@@ -687,6 +690,8 @@ def run_main(args):
     model = None
     if engine is None:
         model = load_model(args.model, dtype=resolve_dtype(args.dtype, accelerator.device)).to(accelerator.device)
+        check_context(model, [("--max-prompt-tokens + --max-new-tokens", args.max_prompt_tokens + args.max_new_tokens)],
+                      args.allow_beyond_context, args.model or "")  # before any answer is generated or written
         model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
     # Served: predictions are staged outside the output directory and moved there only when every task has its
     # answers, so a server failing half-way writes nothing.

@@ -156,6 +156,22 @@ def test_score_prompts_max_length_beyond_the_context_is_refused(model_dir, tmp_p
     assert scored["max_length"] == 2049
 
 
+def test_evaluate_prompt_plus_new_tokens_beyond_the_context_is_refused(model_dir, tmp_path, capsys):
+    import evaluate
+
+    out = tmp_path / "eval"
+    base = ["--model", model_dir, "--tasks", "sentiment", "--max-instances", "2", "--no-progress",
+            "--output-dir", str(out), "--max-prompt-tokens", "2000"]
+    code, line = exit_line(evaluate.main, base + ["--max-new-tokens", "49"], capsys)
+    assert (code, line) == (2, "error: --max-prompt-tokens + --max-new-tokens = 2049 tokens is beyond the model's "
+                               f"context (max_position_embeddings 2048 in {model_dir}): lower it, or pass "
+                               "--allow-beyond-context for a model whose context is extended (RoPE scaling)")
+    assert not out.exists()  # refused before any answer was generated or written
+    evaluate.main(base + ["--max-new-tokens", "48"])  # at the context exactly: runs
+    evaluate.main(base + ["--max-new-tokens", "49", "--allow-beyond-context"])
+    assert (out / "predictions" / "sentiment.jsonl").exists()
+
+
 def test_train_sapo_and_probe_lengths_beyond_the_context_are_refused(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = toy_args(model_dir, write_sapo_dir(tmp_path / "data"), out, "--max-source-length", "2000",
