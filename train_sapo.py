@@ -39,6 +39,7 @@ from tasks.errors import describe_os_error, exit_after_main, writing
 from tasks.flags import MAX_SEED, POOL_RANGES, OneLineParser, Range, check_choices, check_ranges
 from tasks.launch import TrainingRecipe, accelerator_kwargs, check_accelerator, check_launch
 from tasks.loaders import load_sequence, load_task, read_json, strict_json, write_json
+from tasks.olora import olora_penalty, olora_step_penalty  # noqa: F401 (tests read train_sapo.olora_penalty)
 from tasks.models import DEFAULT_MODEL, STACK_FILE, activate_adapters, adapter_name, check_context, load_model, \
     load_tokenizer, resolve, resolve_dtype, stack_adapters
 from tasks.pools import PoolSource
@@ -333,44 +334,6 @@ def micro_batches(encoded, batch: list[int], config, layout: str, rank: int, wor
     plan = plan_micro_batches([len(encoded[i].input_ids) for i in batch], config.micro_batch_tokens or 0,
                               config.micro_batch_size, layout)
     return my_micro_batches(plan, rank, world)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# O-LoRA: orthogonality between the new adapter's A and the earlier tasks' A matrices.
-
-def olora_penalty(peft_model, new: str, previous: list[str], lambda1: float, lambda2: float):
-    """lambda1 * sum over LoRA modules of sum |A_prev A_new^T|  +  lambda2 * sum over new LoRA tensors of ||p||_2.
-
-    A_prev stacks the earlier tasks' A matrices of the module (r_prev x d_in), A_new is (r x d_in); the L1 norm of
-    their product is zero when the new adapter reads a subspace orthogonal to every earlier one. The L2 term follows
-    the O-LoRA code: the sum of the 2-norms of each new LoRA parameter tensor.
-    """
-    orth = torch.zeros(())
-    l2 = torch.zeros(())
-    for module in peft_model.modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is None or new not in lora_a:
-            continue
-        a_new = lora_a[new].weight
-        orth = orth.to(a_new.device)
-        if previous:
-            a_prev = torch.cat([lora_a[p].weight for p in previous], dim=0).detach()
-            orth = orth + (a_prev @ a_new.T).abs().sum()
-        if lambda2:
-            l2 = l2.to(a_new.device) + a_new.norm(p=2) + module.lora_B[new].weight.norm(p=2)
-    return lambda1 * orth + lambda2 * l2.to(orth.device), orth
-
-
-def olora_step_penalty(accelerator, model, name: str, previous: list[str], config: Config):
-    """The O-LoRA penalty of one optimizer step, as a term for the loss of ONE micro-batch per process.
-
-    accelerate (or DeepSpeed) divides every micro-batch loss by the accumulation steps and DDP averages gradients over
-    processes, so the term is the penalty times the accumulation steps: each process's gradient then holds the penalty
-    once, their average too. The step's gradient is that of (token-mean CE + penalty), whatever the number of
-    micro-batches and processes. Returns (term, orth) with orth = sum |A_prev A_new^T| for the log."""
-    penalty, orth = olora_penalty(accelerator.unwrap_model(model), name, previous, config.olora_lambda1,
-                                  config.olora_lambda2)
-    return penalty * accelerator.gradient_accumulation_steps, orth
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""O-LoRA (Wang et al. 2023): orthogonality between the new adapter's A matrices and the earlier tasks' A matrices,
+added to the training loss of each optimizer step (train_sapo.py --method o-lora)."""
+from __future__ import annotations
+
+import torch
+
+
+def olora_penalty(peft_model, new: str, previous: list[str], lambda1: float, lambda2: float):
+    """lambda1 * sum over LoRA modules of sum |A_prev A_new^T|  +  lambda2 * sum over new LoRA tensors of ||p||_2.
+
+    A_prev stacks the earlier tasks' A matrices of the module (r_prev x d_in), A_new is (r x d_in); the L1 norm of
+    their product is zero when the new adapter reads a subspace orthogonal to every earlier one. The L2 term follows
+    the O-LoRA code: the sum of the 2-norms of each new LoRA parameter tensor.
+    """
+    orth = torch.zeros(())
+    l2 = torch.zeros(())
+    for module in peft_model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or new not in lora_a:
+            continue
+        a_new = lora_a[new].weight
+        orth = orth.to(a_new.device)
+        if previous:
+            a_prev = torch.cat([lora_a[p].weight for p in previous], dim=0).detach()
+            orth = orth + (a_prev @ a_new.T).abs().sum()
+        if lambda2:
+            l2 = l2.to(a_new.device) + a_new.norm(p=2) + module.lora_B[new].weight.norm(p=2)
+    return lambda1 * orth + lambda2 * l2.to(orth.device), orth
+
+
+def olora_step_penalty(accelerator, model, name: str, previous: list[str], config):
+    """The O-LoRA penalty of one optimizer step, as a term for the loss of ONE micro-batch per process.
+
+    accelerate (or DeepSpeed) divides every micro-batch loss by the accumulation steps and DDP averages gradients over
+    processes, so the term is the penalty times the accumulation steps: each process's gradient then holds the penalty
+    once, their average too. The step's gradient is that of (token-mean CE + penalty), whatever the number of
+    micro-batches and processes. `config`: train_sapo's Config (olora_lambda1, olora_lambda2). Returns (term, orth)
+    with orth = sum |A_prev A_new^T| for the log."""
+    penalty, orth = olora_penalty(accelerator.unwrap_model(model), name, previous, config.olora_lambda1,
+                                  config.olora_lambda2)
+    return penalty * accelerator.gradient_accumulation_steps, orth
