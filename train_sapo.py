@@ -46,7 +46,8 @@ from tasks.pools import PoolSource
 from tasks.records import from_record, read_record
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir, pool_hash
 from tasks.score_cache import model_state_id
-from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
+from tasks.sharding import adapter_state_dict, end_training, load_state, lockstep, prepare_for_training, save_state, \
+    shard_for_inference, shards_per_task, unsharded_stack
 from tasks.train_batches import build_batch, my_micro_batches, plan_micro_batches, supervised_tokens
 from tasks.train_step import SupervisedNLL, set_gradient_checkpointing, training_layout
 from tasks.attention import ATTENTION_CHOICES, set_training_attention
@@ -490,7 +491,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     step_module = SupervisedNLL(peft_model, layout)
     tokens, width, head_rows = largest_micro_batch(
         [micro_batches(encoded, b, config, layout, 0, 1) for b in steps], encoded, steps)
-    if lockstep(net):  # sharded (tasks/sharding.py): one process's probe forward cannot run alone; auto = on
+    if lockstep(net) or shards_per_task(accelerator):  # sharded (tasks/sharding.py): no probe forward; auto = on
         estimate, checkpointing = None, config.gradient_checkpointing != "off"
     else:
         estimate = estimate_training_memory(step_module, net, tokens, width, accelerator.device, head_rows)
@@ -505,6 +506,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
     # The whole loss computation is one module, so that DDP (which only reduces gradients of a backward that follows
     # a forward through its wrapper) sees it.
     model, optimizer = prepare_for_training(accelerator, step_module, optimizer, net)  # tasks/sharding.py
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 put sharded parameters in their place
 
     checkpoint = task_dir / "checkpoint"
     log_path = task_dir / "train_log.jsonl"
@@ -515,7 +517,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         saved = read_record(checkpoint / "sapo_step.json", CheckpointStep,
                             advice=f"delete {checkpoint} to train the task again from its start")
         check_checkpoint_keys(model, checkpoint)
-        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
+        load_state(accelerator, str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
         start_step, earlier_seconds = saved.step, saved.seconds
         if reselect is not None:
             encoded = reselect.restore(saved.reselector) or encoded
@@ -665,7 +667,7 @@ def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     with writing(tmp):  # a full disk: one line naming the folder (torch's own message names neither)
-        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
+        save_state(accelerator, str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         step_file = tmp / "sapo_step.json"  # written last: tmp is complete
@@ -930,7 +932,12 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
     name = adapter_name(0) if seq else adapter_name(len(state.adapter_dirs))
     if (adapter_dir / "adapter_config.json").exists():  # trained by an earlier process: load it as saved
         training = read_record(task_dir / "training.json", Training, advice=redo_advice(task_dir))
-        if state.peft_model is None or seq:
+        if shards_per_task(accelerator):  # FSDP2: a fresh tree with every adapter so far, sharded (tasks/sharding.py)
+            state.model, state.peft_model = unsharded_stack(
+                config.model, resolve_dtype(config.dtype, accelerator.device),
+                [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)])
+            shard_for_inference(accelerator, state.model, announce=False)
+        elif state.peft_model is None or seq:
             base = state.peft_model.unload() if state.peft_model is not None else state.model
             state.peft_model = stack_adapters(base, [str(adapter_dir)])
         else:
@@ -939,6 +946,10 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
         # Seeded per task, so a run resumed at any task initialises and drops out exactly as an uninterrupted one.
         from accelerate.utils import set_seed
 
+        if shards_per_task(accelerator):  # FSDP2: this task trains on a fresh tree, sharded once (tasks/sharding.py)
+            state.model, state.peft_model = unsharded_stack(config.model, resolve_dtype(config.dtype,
+                                                                                        accelerator.device),
+                                                            state.adapter_dirs)
         set_seed(config.seed + k)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")

@@ -5,6 +5,7 @@ honour refused in one line before anything loads. Sharded launches run in the sc
 Accelerator on CPU ("There are currently no available devices found"; with ACCELERATE_USE_CPU=1 it builds a DDP one
 instead, refused once built), so for FSDP the refusals are what can be tested here: in-process for every script, and
 through real 2-process launches."""
+import dataclasses
 import json
 
 import pytest
@@ -50,16 +51,19 @@ def test_check_launch_reads_accelerates_environment():
         check_launch("x.py", {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(SapoError, match="does not support DeepSpeed ZeRO-3"):
         check_launch("x.py", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-    # The sharded launches tasks/sharding.py runs: ZeRO-3 for the three scripts, FSDP2 for the two that do not train.
+    # The sharded launches tasks/sharding.py runs: ZeRO-3 and FSDP2 for the three scripts.
     for script in ("train_sapo.py", "score_prompts.py", "evaluate.py"):
         check_launch(script, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
                      RECIPE if script == "train_sapo.py" else None)
-    for script in ("score_prompts.py", "evaluate.py"):
-        check_launch(script, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+        check_launch(script, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+                     RECIPE if script == "train_sapo.py" else None)
     with pytest.raises(SapoError, match="evaluate.py does not support FSDP version 1: use torch FSDP2"):
         check_launch("evaluate.py", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
-    with pytest.raises(SapoError, match="train_sapo.py does not support FSDP: torch's fully_shard applies once"):
-        check_launch("train_sapo.py", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, RECIPE)
+    with pytest.raises(SapoError, match="probe_prompts.py does not support FSDP: its passes need the full weights"):
+        check_launch("probe_prompts.py", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    olora = dataclasses.replace(RECIPE, method="o-lora")
+    with pytest.raises(SapoError, match="train_sapo.py: --method o-lora does not support FSDP: its penalty reads"):
+        check_launch("train_sapo.py", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, olora)
 
 
 def test_topology_is_read_from_the_deepspeed_json_the_environment_names(tmp_path):
