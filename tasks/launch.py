@@ -9,8 +9,8 @@ Two steps, so that what is supported can change in one place:
 
 Sharded launches (DeepSpeed ZeRO-3, torch FSDP2) run where tasks/sharding.py makes scoring, training and
 generation work on the sharded model (SHARDED_SCRIPTS; train_sapo.py under FSDP2 trains each task on a fresh tree,
-sharded once; O-LoRA's penalty under ZeRO-3: tasks/olora.py); `refuse_sharded` refuses the rest: FSDP version 1,
-probe_prompts.py, NVMe offload, and O-LoRA under FSDP2. (Seen here: accelerate 1.15 does not construct an FSDP Accelerator without a GPU,
+sharded once; O-LoRA's penalty on sharded weights: tasks/olora.py); `refuse_sharded` refuses the rest: FSDP version
+1, probe_prompts.py and NVMe offload. (Seen here: accelerate 1.15 does not construct an FSDP Accelerator without a GPU,
 "There are currently no available devices found"; with ACCELERATE_USE_CPU=1 and `--use_fsdp` it quietly builds a
 DDP one (MULTI_CPU), which `check_accelerator` refuses.)
 
@@ -233,10 +233,6 @@ def refuse_sharded(launch: Launch, script: str, training: TrainingRecipe | None 
         if script not in SHARDED_SCRIPTS["fsdp2"]:
             raise SapoError(f"{script} does not support FSDP: its passes need the full weights on every process; use "
                             "DDP (accelerate launch --multi_gpu)")
-        if training is not None and training.method == "o-lora":
-            raise SapoError(f"{script}: --method o-lora does not support FSDP: its penalty reads every adapter's LoRA "
-                            "A matrices outside any forward, where FSDP2 holds them sharded; use DeepSpeed ZeRO-3 "
-                            "(accelerate launch --use_deepspeed --zero_stage 3) or DDP")
     if launch.engine == "deepspeed" and launch.zero_stage == 3:
         where = f" (zero_optimization.stage 3 in {launch.config_file})" if launch.config_file else ""
         if script not in SHARDED_SCRIPTS["zero3"]:

@@ -3,8 +3,10 @@ added to the training loss of each optimizer step (train_sapo.py --method o-lora
 
 The penalty reads the LoRA weights directly, outside the modules that own them. Under DDP and ZeRO 0-2 every process
 holds them whole; under ZeRO-3 they are partitioned outside their module's forward, so the penalty runs inside a
-forward of the training module with them registered as its external parameters (olora_step_penalty). FSDP2 is
-refused (tasks.launch): its weights are DTensor shards there."""
+forward of the training module with them registered as its external parameters (olora_step_penalty); under FSDP2
+they are DTensor shards, gathered whole for the penalty (`whole`), the penalty's gradient landing on each shard
+directly, next to the reduce-scattered gradient of the forward (the penalty then counts once, as under DDP's
+average of the same penalty on every process)."""
 from __future__ import annotations
 
 import torch
@@ -25,14 +27,23 @@ def olora_penalty(peft_model, new: str, previous: list[str], lambda1: float, lam
         lora_a = getattr(module, "lora_A", None)
         if lora_a is None or new not in lora_a:
             continue
-        a_new = lora_a[new].weight
+        a_new = whole(lora_a[new].weight)
         orth = orth.to(a_new.device)
         if previous:
-            a_prev = torch.cat([lora_a[p].weight for p in previous], dim=0).detach()
+            a_prev = torch.cat([whole(lora_a[p].weight) for p in previous], dim=0).detach()
             orth = orth + (a_prev @ a_new.T).abs().sum()
         if lambda2:
-            l2 = l2.to(a_new.device) + a_new.norm(p=2) + module.lora_B[new].weight.norm(p=2)
+            l2 = l2.to(a_new.device) + a_new.norm(p=2) + whole(module.lora_B[new].weight).norm(p=2)
     return lambda1 * orth + lambda2 * l2.to(orth.device), orth
+
+
+def whole(weight):
+    """An FSDP2 weight (a DTensor shard) gathered whole, differentiably (collective: every process computes the
+    penalty at the same point of the step): its gradient goes back to this process's shard, whole on every process,
+    as the penalty is computed alike on each. Any other weight as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 def penalty_weights(peft_model, new: str, previous: list[str], lambda2: float) -> list:

@@ -269,3 +269,28 @@ def test_train_sapo_under_fsdp2_resumes_and_matches_one_process(model_dir, tmp_p
             g = got[n.replace(".weight", ".default.weight")]
             assert (g - w).abs().max() <= 1e-4 * w.abs().max()
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_train_sapo_olora_under_fsdp2_matches_one_process(model_dir, tmp_path):
+    """--method o-lora on FSDP2's code path (the seam above): the penalty gathers the A matrices (DTensor shards)
+    whole and its gradient reaches each shard beside the forward's; losses, penalties and adapters equal to one
+    process. The penalty matters here (lambda2 makes it act on task 1 too): with the gathered weights detached, the
+    losses left the tolerance (seen)."""
+    import json
+
+    import train_sapo
+    from test_train_sapo import SMALL
+
+    small = [*SMALL, "--lr", "3e-4", "--method", "o-lora", "--olora-lambda2", "0.1"]
+    one, out = tmp_path / "one", tmp_path / "fsdp2"
+    train_sapo.main(["--model", model_dir, "--output-dir", str(one), *small])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", sharding.CPU_FULLY_SHARD_ENV: "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                           "2", "--main_process_port", str(free_port()), "train_sapo.py", "--model", model_dir,
+                           "--output-dir", str(out), *small], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and "sharded launch: fsdp2" in proc.stdout, proc.stderr[-3000:]
+    assert_runs_match(one, out)
+    o1, o2 = [[json.loads(x)["olora_orth"] for x in (d / "2-count_words" / "train_log.jsonl").read_text()
+               .splitlines()] for d in (one, out)]
+    assert all(o > 0 for o in o1) and o2 == pytest.approx(o1, rel=1e-5)
