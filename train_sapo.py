@@ -1098,7 +1098,8 @@ def main(argv=None):
     check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
     # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
-        accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
+        "cpu" if shards_per_task(accelerator) else accelerator.device))  # selection and the zero-shot row run before
+    # accelerate.prepare would move it; FSDP2 moves each process's shards there as it shards (not the whole model)
     state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
     check_lora_targets(state.model, config.lora_targets)
     check_model_context(state.model, config)
