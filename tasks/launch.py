@@ -9,10 +9,11 @@ Two steps, so that what is supported can change in one place:
 
 Sharded launches (DeepSpeed ZeRO-3, torch FSDP2) run where tasks/sharding.py makes scoring, training and
 generation work on the sharded model (SHARDED_SCRIPTS; train_sapo.py under FSDP2 trains each task on a fresh tree,
-sharded once; O-LoRA's penalty on sharded weights: tasks/olora.py); `refuse_sharded` refuses the rest: FSDP version
-1, probe_prompts.py and NVMe offload. (Seen here: accelerate 1.15 does not construct an FSDP Accelerator without a GPU,
-"There are currently no available devices found"; with ACCELERATE_USE_CPU=1 and `--use_fsdp` it quietly builds a
-DDP one (MULTI_CPU), which `check_accelerator` refuses.)
+sharded once; O-LoRA's penalty on sharded weights: tasks/olora.py; probe_prompts.py under ZeRO-3 only);
+`refuse_sharded` refuses the rest: FSDP version 1, probe_prompts.py under FSDP, and NVMe offload. (Seen here:
+accelerate 1.15 does not construct an FSDP Accelerator without a GPU, "There are currently no available devices
+found"; with ACCELERATE_USE_CPU=1 and `--use_fsdp` it quietly builds a DDP one (MULTI_CPU), which
+`check_accelerator` refuses.)
 
 DeepSpeed ZeRO 0-2 train exactly what DDP trains: the script keeps its own accumulation (token-budget micro-batches
 vary in number), so DeepSpeed's gradient_accumulation_steps is 1 and `accelerator.sync_gradients` marks the last
@@ -220,7 +221,7 @@ def launch_of(accelerator) -> Launch:
 
 # The scripts that run on a sharded model (tasks/sharding.py), per engine; tests/test_sharding.py runs them on 2 CPU
 # processes (FSDP2 through torch's fully_shard: accelerate builds no FSDP Accelerator without a GPU).
-SHARDED_SCRIPTS = {"zero3": ("train_sapo.py", "score_prompts.py", "evaluate.py"),
+SHARDED_SCRIPTS = {"zero3": ("train_sapo.py", "score_prompts.py", "evaluate.py", "probe_prompts.py"),
                    "fsdp2": ("train_sapo.py", "score_prompts.py", "evaluate.py")}
 
 

@@ -51,7 +51,9 @@ def test_check_launch_reads_accelerates_environment():
         check_launch("x.py", {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(SapoError, match="does not support DeepSpeed ZeRO-3"):
         check_launch("x.py", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-    # The sharded launches tasks/sharding.py runs: ZeRO-3 and FSDP2 for the three scripts.
+    # The sharded launches tasks/sharding.py runs: ZeRO-3 for the four scripts, FSDP2 for three.
+    check_launch("probe_prompts.py", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+                 RECIPE)
     for script in ("train_sapo.py", "score_prompts.py", "evaluate.py"):
         check_launch(script, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
                      RECIPE if script == "train_sapo.py" else None)
@@ -151,8 +153,9 @@ def test_every_script_refuses_fsdp_in_one_line_before_loading(script, argv, tmp_
 
 
 @pytest.mark.parametrize("script,argv,zero,says", [
-    (probe_prompts, ["--model", "/nonexistent/model", "--output-dir", "{tmp}/run"], {},
-     "probe_prompts.py does not support DeepSpeed ZeRO-3 (zero_optimization.stage 3 in {json})"),
+    (probe_prompts, ["--model", "/nonexistent/model", "--output-dir", "{tmp}/run"],
+     {"offload_optimizer": {"device": "nvme"}},
+     "probe_prompts.py: DeepSpeed ZeRO-3 with offload_optimizer on NVMe in {json} is not supported"),
     (score_prompts, ["--model", "/nonexistent/model", "--task", "sentiment"], {"offload_param": {"device": "nvme"}},
      "score_prompts.py: DeepSpeed ZeRO-3 with offload_param on NVMe in {json} is not supported"),
 ])

@@ -294,3 +294,60 @@ def test_train_sapo_olora_under_fsdp2_matches_one_process(model_dir, tmp_path):
     o1, o2 = [[json.loads(x)["olora_orth"] for x in (d / "2-count_words" / "train_log.jsonl").read_text()
                .splitlines()] for d in (one, out)]
     assert all(o > 0 for o in o1) and o2 == pytest.approx(o1, rel=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_probe_prompts_under_zero3_matches_one_process(model_dir, tmp_path):
+    """probe_prompts.py under ZeRO-3 (every parameter partitioned) on 2 processes against one process: S1 trained,
+    every candidate's indicators under S1 and under the base model (pre-update loss, token statistics, base-weight
+    gradient norms: from each layer's input and output gradient, never the partitioned weights), the gradient
+    conflicts, and every arm (a T2 LoRA from S1, dropped again afterwards: back to S1) with its greedy answers."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    import json
+
+    import probe_prompts
+    from safetensors.torch import load_file
+
+    args = ["--model", model_dir, "--pairs", "sentiment->topic", "--unseen", "animal", "--max-candidates", "3",
+            "--score-instances", "4", "--train-instances", "8", "--epochs", "1", "--global-batch-size", "4",
+            "--micro-batch-size", "2", "--eval-instances", "4", "--max-new-tokens", "4", "--seeds", "1",
+            "--permutations", "50", "--bootstrap", "50", "--pool-subsets", "10", "--max-source-length", "256",
+            "--max-target-length", "16", "--lr", "3e-4", "--eval-batch-size", "4"]
+    one, out = tmp_path / "one", tmp_path / "zero3"
+    probe_prompts.main([*args, "--output-dir", str(one)])
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({**USER_ZERO3_JSON, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 4096,
+        "stage3_prefetch_bucket_size": 4096}}))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed",
+                           "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port",
+                           str(free_port()), "probe_prompts.py", *args, "--output-dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "sharded launch: zero3" in proc.stdout, proc.stderr[-3000:]
+    pair1, pair2 = one / "sentiment--topic", out / "sentiment--topic"
+    i1, i2 = [json.loads((p / "indicators.json").read_text()) for p in (pair1, pair2)]
+    assert i1["candidates"] == i2["candidates"] and len(i1["candidates"]) == 3
+    for kind in ("indicators", "static"):
+        for a, b in zip(i1[kind], i2[kind], strict=True):
+            assert set(a) == set(b)
+            for name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-5, nan_ok=True), (kind, name)
+            assert a["gradient_norm"] > 0
+    c1, c2 = [json.loads((p / "conflict.json").read_text()) for p in (pair1, pair2)]
+    for a, b in zip(c1, c2, strict=True):
+        assert b["cosine_t1"] == pytest.approx(a["cosine_t1"], abs=1e-5)
+        assert b["cosine_unseen"] == pytest.approx(a["cosine_unseen"], abs=1e-5)
+    answered = 0
+    for arm in ["1-sentiment"] + [probe_prompts.arm_dir(pair1, c, 0).name for c in range(3)]:
+        w1, w2 = [load_file(str(p / arm / "adapter" / "adapter_model.safetensors")) for p in (pair1, pair2)]
+        assert set(w1) == set(w2)
+        for n in w1:
+            assert (w2[n] - w1[n]).abs().max() <= 1e-4 * w1[n].abs().max()
+        if arm != "1-sentiment":  # the arms' rows (S1's own row is not part of the study)
+            p1, p2 = [{f.name: [json.loads(x)["prediction"] for x in f.read_text().splitlines()]
+                       for f in sorted((p / arm / "predictions").glob("*.jsonl"))} for p in (pair1, pair2)]
+            assert p1 == p2 and len(p1) == 3
+            answered += sum(1 for ps in p1.values() for x in ps if x)
+    assert answered > 0  # the answers compared are answers
