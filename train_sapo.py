@@ -935,7 +935,7 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
         if shards_per_task(accelerator):  # FSDP2: a fresh tree with every adapter so far, sharded (tasks/sharding.py)
             state.model, state.peft_model = unsharded_stack(
                 config.model, resolve_dtype(config.dtype, accelerator.device),
-                [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)])
+                [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)], config.fused_ops)
             shard_for_inference(accelerator, state.model, announce=False)
         elif state.peft_model is None or seq:
             base = state.peft_model.unload() if state.peft_model is not None else state.model
@@ -949,7 +949,7 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
         if shards_per_task(accelerator):  # FSDP2: this task trains on a fresh tree, sharded once (tasks/sharding.py)
             state.model, state.peft_model = unsharded_stack(config.model, resolve_dtype(config.dtype,
                                                                                         accelerator.device),
-                                                            state.adapter_dirs)
+                                                            state.adapter_dirs, config.fused_ops)
         set_seed(config.seed + k)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")

@@ -55,6 +55,7 @@ everything else (scoring, generation, training step, checkpoint, saving) is the 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -285,13 +286,16 @@ def fsdp2_shard(accelerator, module, net):
     return module
 
 
-def unsharded_stack(model: str, dtype, adapter_dirs: list[str]):
+def unsharded_stack(model: str, dtype, adapter_dirs: list[str], fused_ops: str = "none"):
     """A fresh, unsharded tree for FSDP2 (module doc): `model` loaded again (tasks.models.load_model, left on the
-    CPU: sharding moves each process's shards to its device) with `adapter_dirs` stacked by stock peft, all active and
-    frozen. Returns (the transformers model, the peft model or None without adapters)."""
+    CPU: sharding moves each process's shards to its device), patched with `fused_ops` as the first tree was
+    (tasks.fused_ops patches module instances), with `adapter_dirs` stacked by stock peft, all active and frozen.
+    Returns (the transformers model, the peft model or None without adapters)."""
+    from tasks.fused_ops import apply_fused_ops
     from tasks.models import load_model, stack_adapters
 
     net = load_model(model, dtype=dtype)
+    apply_fused_ops(net, fused_ops)
     if not adapter_dirs:
         return net, None
     peft_model = stack_adapters(net, adapter_dirs)
@@ -303,6 +307,9 @@ def prepare_fsdp2_training(accelerator, training_module, optimizer, net):
     it as root: accelerate's prepare of the module and optimizer (it maps the optimizer onto the sharded parameters)
     on a GPU launch; under the test seam, fsdp2_shard and the same mapping by parameter name. The root is recorded on
     `net` for weights_for_forward (evaluation and the next selection run on this tree)."""
+    # The previous task's sharded tree is no longer referenced but holds a cycle (its root is recorded on its model):
+    # freed now, before this tree's shards take its place on the device.
+    gc.collect()
     # accelerate's transformer wrap policy reads _no_split_modules of what it prepares: the training module's are the
     # transformers model's (a plain list attribute, not a submodule)
     training_module._no_split_modules = list(getattr(net, "_no_split_modules", None) or [])
