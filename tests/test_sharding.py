@@ -235,8 +235,9 @@ def test_train_sapo_under_fsdp2_resumes_and_matches_one_process(model_dir, tmp_p
     from tasks.models import load_model
 
     # --lr 3e-4: the trained adapters change some greedy answers (5e-3 makes every answer empty here: nothing to
-    # compare)
-    small = [*SMALL, "--lr", "3e-4"]
+    # compare); --max-grad-norm 0.05: the clipping over the sharded gradient acts (seen on one process: without it the
+    # adapters end 0.12 away, relative)
+    small = [*SMALL, "--lr", "3e-4", "--max-grad-norm", "0.05"]
     one = tmp_path / "one"
     train_sapo.main(["--model", model_dir, "--output-dir", str(one), *small])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", sharding.CPU_FULLY_SHARD_ENV: "1"}
