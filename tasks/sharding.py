@@ -39,8 +39,10 @@ once, by accelerate's FSDP2 prepare (`prepare_for_training`). That tree, sharded
 then serves the task's evaluation and the next task's selection (`weights_for_forward` unshards that root, recorded
 on the transformers model), until the next task's tree replaces it. The alternative, every adapter of the sequence
 created up front and one sharding for the whole run, was not taken: FSDP2's unsharded parameter keeps the
-requires_grad of its first all-gather, so which adapter trains cannot be switched after sharding through public
-APIs, and every process would carry every later task's adapter from the start. The cost of ours: one load of the base
+requires_grad of its first all-gather (torch 2.13's FSDPParam.init_unsharded_param, as read: it is created once,
+with the sharded parameter's flag of that moment, and reused by every later all-gather), so which adapter trains
+cannot be switched after sharding through public APIs; and every process would carry every later task's adapter from
+the start. The cost of ours: one load of the base
 weights per task (from the page cache after the first), not one per process beyond what loading any model costs.
 A checkpoint under FSDP2 holds the trainable weights and the optimizer state as whole tensors (torch's
 distributed-checkpoint state_dict API, gathered; `save_state` / `load_state`), in the layout of the DDP checkpoint
