@@ -251,8 +251,8 @@ def prepare_for_training(accelerator, training_module, optimizer, net):
 
 def end_training(accelerator, net):
     """After a task's training: accelerate drops its references (free_memory, which under DeepSpeed also destroys the
-    engine and with it the ZeRO-3 hooks; under FSDP2 the sharded tree stays, for evaluation); under ZeRO-3 an inference engine's hooks go back on `net` for the
-    evaluation and the next task's selection."""
+    engine and with it the ZeRO-3 hooks; under FSDP2 the sharded tree stays, for evaluation); under ZeRO-3 an
+    inference engine's hooks go back on `net` for the evaluation and the next task's selection."""
     _fsdp2_training.clear()
     accelerator.free_memory()
     if launch_engine(accelerator) == ZERO3:
