@@ -54,6 +54,7 @@ from tasks.models import activate_adapters, adapter_name, load_model, load_token
 from tasks.prompts import encode_task_example
 from tasks.run_dir import open_run_dir_on_every_process, pool_hash
 from tasks.score_cache import model_state_id
+from tasks.sharding import lockstep, shard_for_inference
 from tasks.statistics import (bootstrap_interval, bootstrap_samples, fisher_z_pool, flesch_kincaid_grade, nanmean,
                               pearson, percentile_interval, relative_change, spearman, variance_decomposition)
 
@@ -276,16 +277,18 @@ def token_statistics(model, encoded, accelerator, batch_size=8) -> list[tuple[li
 
     rank, world = accelerator.process_index, accelerator.num_processes
     net = accelerator.unwrap_model(model)
-    device = next(net.parameters()).device
+    device = accelerator.device if lockstep(net) else next(net.parameters()).device
     batches = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
     was_training = net.training
     net.eval()
     mine = []
     try:
-        for b in batches[rank::world]:
+        for b, discarded in my_rounds(batches, rank, world, lockstep(net)):
             ids = pad_batch([encoded[i].input_ids for i in b], 0).to(device)
             mask = pad_batch([[1] * len(encoded[i].input_ids) for i in b], 0).to(device)
             log_p = torch.log_softmax(net(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
+            if discarded:
+                continue
             for row, i in enumerate(b):
                 positions = [j for j, t in enumerate(encoded[i].labels) if t != IGNORE_INDEX and j > 0]
                 at = torch.tensor([j - 1 for j in positions], device=device)
@@ -300,6 +303,15 @@ def token_statistics(model, encoded, accelerator, batch_size=8) -> list[tuple[li
     return [(nll, entropy) for _, nll, entropy in gathered]
 
 
+def my_rounds(batches: list, rank: int, world: int, sharded: bool) -> list[tuple[list, bool]]:
+    """This process's batches (rank, rank + world, ...) as (batch, discarded) pairs. Sharded (ZeRO-3, where every
+    forward gathers weights collectively): as many rounds on every process, a process without a batch left running
+    the last one, discarded (as score_prompts does)."""
+    mine = batches[rank::world]
+    rounds = math.ceil(len(batches) / world) if sharded else len(mine)
+    return [(mine[r], False) if r < len(mine) else (batches[-1], True) for r in range(rounds)]
+
+
 def instruction_sequence(tokenizer, task, instruction: str) -> Encoded:
     """The instruction's tokens after the chat template's user header, labelled for `token_statistics`."""
     prompt = render_prompt(tokenizer, instruction, "", task.suffix, input_label=task.input_label)
@@ -308,16 +320,21 @@ def instruction_sequence(tokenizer, task, instruction: str) -> Encoded:
     return Encoded(header + own, [IGNORE_INDEX] * len(header) + own, len(header))
 
 
-def target_weights(model, targets: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
-    """(module name, base weight) of every linear layer whose name ends with a target (q_proj, v_proj): the layer
+def target_linears(model, targets: list[str]) -> list[tuple[str, torch.nn.Linear]]:
+    """(module name, linear layer) of every linear layer whose name ends with a target (q_proj, v_proj): the layer
     itself in a plain model, its `base_layer` inside a LoRA layer (the name without ".base_layer")."""
     out = []
     for name, module in model.named_modules():
         key = name.removesuffix(".base_layer")
         if isinstance(module, torch.nn.Linear) and any(key == t or key.endswith("." + t) for t in targets) and \
                 (name.endswith(".base_layer") or not hasattr(module, "base_layer")):
-            out.append((key, module.weight))
+            out.append((key, module))
     return out
+
+
+def target_weights(model, targets: list[str]) -> list[tuple[str, torch.nn.Parameter]]:
+    """(module name, base weight) of every target linear layer (target_linears)."""
+    return [(name, module.weight) for name, module in target_linears(model, targets)]
 
 
 @dataclass
@@ -347,8 +364,9 @@ def weight_gradients(model, encoded, accelerator, targets: list[str], batch_size
                      keep: bool = False) -> GradientReduction:
     """The gradient of sum(response NLL) / (response tokens) over `encoded` w.r.t. the base weights of the target
     modules (target_weights), with every active adapter of `model` in the forward; dropout off, so it is a function
-    of the weights alone. Only those weights require grad during the backward (every other parameter's flag is put
-    back afterwards). Each process runs its share of the fixed batches; the per-module sums are added up across
+    of the weights alone. Taken per module from its input and its output's gradient (no parameter requires grad
+    meanwhile; every flag is put back afterwards), so it works on ZeRO-3's partitioned weights alike. Each process
+    runs its share of the fixed batches (sharded: as many on every process); the per-module sums are added up across
     processes. Reduced per module (GradientReduction): norms in float64, dots with `references`; `keep` returns the
     gradients too (float32, on the model's device).
 
@@ -357,21 +375,38 @@ def weight_gradients(model, encoded, accelerator, targets: list[str], batch_size
     dL/dB a random projection of G; G is the object both are made from, the direction full fine-tuning would take."""
     rank, world = accelerator.process_index, accelerator.num_processes
     net = accelerator.unwrap_model(model)
-    weights = target_weights(net, targets)
-    if not weights:
+    linears = target_linears(net, targets)
+    if not linears:
         raise SapoError(f"no linear module named {', '.join(targets)} to take gradients of")
-    device = weights[0][1].device
+    sharded = lockstep(net)
+    device = accelerator.device if sharded else linears[0][1].weight.device
     total_tokens = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in encoded)
+    # G_m = dL/dW_m = sum over positions of dY_m^T X_m (Y_m = X_m W_m^T), taken from the layer's input and its
+    # output's gradient: the weights themselves are never read (under ZeRO-3 they are partitioned outside their
+    # module's forward) and no parameter requires grad; the embeddings' output does, so the backward runs.
+    sums: dict[str, torch.Tensor] = {}
+
+    def capture(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+
+            def add(dy):
+                g = dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                sums[name] = sums[name] + g if name in sums else g
+            if output.requires_grad:
+                output.register_hook(add)
+        return hook
+
     flags = {id(p): p.requires_grad for p in net.parameters()}
-    chosen = {id(w) for _, w in weights}
     for p in net.parameters():
-        p.requires_grad_(id(p) in chosen)
-        p.grad = None
+        p.requires_grad_(False)
+    hooks = [module.register_forward_hook(capture(name)) for name, module in linears]
+    hooks.append(net.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     was_training = net.training
     net.eval()
     try:
         batches = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
-        for b in batches[rank::world]:
+        for b, discarded in my_rounds(batches, rank, world, sharded):
             ids = pad_batch([encoded[i].input_ids for i in b], 0).to(device)
             labels = pad_batch([encoded[i].labels for i in b], IGNORE_INDEX).to(device)
             mask = pad_batch([[1] * len(encoded[i].input_ids) for i in b], 0).to(device)
@@ -379,14 +414,15 @@ def weight_gradients(model, encoded, accelerator, targets: list[str], batch_size
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
                                                     labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
                                                     reduction="sum")
-            nll.backward()
+            (nll * 0.0 if discarded else nll).backward()  # a discarded batch adds zeros (its backward gathers too)
         out = GradientReduction(norm2={}, dots={r: {} for r in references or {}}, full={} if keep else None)
-        for name, w in weights:  # every process reduces every module, in the same order
-            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+        for name, module in linears:  # every process reduces every module, in the same order
+            grad = sums.pop(name, None)
+            if grad is None:
+                grad = torch.zeros(module.out_features, module.in_features, device=device)
             if world > 1:
                 grad = accelerator.reduce(grad.contiguous(), reduction="sum")
             grad = grad.detach().float() / total_tokens
-            w.grad = None
             out.norm2[name] = float(grad.double().square().sum())
             for r, reference in (references or {}).items():
                 out.dots[r][name] = float((grad.double() * reference[name].double()).sum())
@@ -394,6 +430,8 @@ def weight_gradients(model, encoded, accelerator, targets: list[str], batch_size
                 out.full[name] = grad
             del grad
     finally:
+        for hook in hooks:
+            hook.remove()
         net.train(was_training)
         for p in net.parameters():
             p.requires_grad_(flags[id(p)])
@@ -612,7 +650,8 @@ def probe_pair(config: ProbeConfig, accelerator, tokenizer, base, t1, t2, unseen
             model = load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device))
             train_sapo.check_lora_targets(model, config.lora_targets)
             train_sapo.check_model_context(model, config)
-            state = train_sapo.ModelState(model=model.to(accelerator.device))
+            # ZeRO-3: an inference engine's gathering hooks on the model (tasks/sharding.py), as train_sapo.py does
+            state = train_sapo.ModelState(model=shard_for_inference(accelerator, model.to(accelerator.device)))
             train_s1(run, state, t1, pair_dir)
         return state
 

@@ -6,6 +6,7 @@ pre-update loss, train a new LoRA with it, evaluate every task of the sequence.
     accelerate launch train_sapo.py --select sapo-race ...     # racing selection (ours): a fraction of the tokens
     accelerate launch --num_processes 8 train_sapo.py --preset paper ...        # several GPUs (DDP)
     accelerate launch --use_deepspeed --zero_stage 2 --num_processes 8 train_sapo.py --preset paper ...  # DeepSpeed
+    accelerate launch --config_file fsdp2.yaml train_sapo.py ...        # sharded: torch FSDP2 (or DeepSpeed ZeRO-3)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_sapo.py ...   # 2 processes on CPU
 
 The loop (`main`): the zero-shot row of R, then per task select_instruction -> train_adapter -> evaluate_row. Each
@@ -13,10 +14,13 @@ step writes its result into the task's folder (`<k>-<task>/`: selection.json, ad
 and, when that result is already there, loads it instead of computing it: rerunning the same command resumes.
 Training continues from its last checkpoint (tasks/checkpoints.py), selection from its score cache.
 
-The launch check (tasks/launch.py) runs before the Accelerator is built and again on the built one, before any model
-loads: DDP and one process run as they are; DeepSpeed ZeRO 0-2 is configured to train what DDP trains (one optimizer
-step per global batch, its own clipping at --max-grad-norm); {{SHARDED}} run sharded (tasks/sharding.py);
-any setting the script cannot honour (its list: README "Launches") is refused in one line.
+The launch check (tasks/launch.py) reads the launch from what accelerate hands the process before the Accelerator is
+built, and checks the built one again, before any model loads. One process and DDP run as they are. DeepSpeed ZeRO
+0-2 is set up to train what DDP trains (the script's own accumulation and AdamW, one optimizer step per global batch,
+DeepSpeed's clipping at --max-grad-norm). DeepSpeed ZeRO-3 and torch FSDP2 run sharded (tasks/sharding.py; under
+FSDP2 each task trains on a fresh model tree, sharded once). Refused in one line: FSDP version 1, NVMe offload, and
+any DeepSpeed setting the script cannot honour (an optimizer or scheduler section, its own accumulation, a clipping
+other than --max-grad-norm, fp16 loss scaling; the full list: README "Launching").
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ from tasks.reselection import Reselection, Reselector, reselection_instances, sh
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir_on_every_process, pool_hash
 from tasks.schedule import adamw_with_schedule, warmup_steps_of
 from tasks.score_cache import model_state_id
-from tasks.sharding import adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference
+from tasks.sharding import (adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference,
+                             shards_per_task, unsharded_stack)
 from tasks.timings import TaskTimings, TrainingClock
 from tasks.train_batches import (build_batch, check_batch_split, global_batches, my_micro_batches, plan_micro_batches,
                                  supervised_tokens)
@@ -213,8 +218,10 @@ def main(argv=None):
     run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
     check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
     # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
+    # Selection and the zero-shot row run before accelerate.prepare would move it; FSDP2 moves each process's shards
+    # to the device as it shards (not the whole model).
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
-        accelerator.device))  # selection and the zero-shot row run before accelerate.prepare would move it
+        "cpu" if shards_per_task(accelerator) else accelerator.device))
     state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
     check_lora_targets(state.model, config.lora_targets)
     check_model_context(state.model, config)
@@ -300,7 +307,12 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
     name = adapter_name(0) if seq else adapter_name(len(state.adapter_dirs))
     if (adapter_dir / "adapter_config.json").exists():  # trained by an earlier process: load it as saved
         training = read_record(task_dir / "training.json", Training, advice=redo_advice(task_dir))
-        if state.peft_model is None or seq:
+        if shards_per_task(accelerator):  # FSDP2: a fresh tree with every adapter so far, sharded (tasks/sharding.py)
+            state.model, state.peft_model = unsharded_stack(
+                config.model, resolve_dtype(config.dtype, accelerator.device),
+                [str(adapter_dir)] if seq else state.adapter_dirs + [str(adapter_dir)], config.fused_ops)
+            shard_for_inference(accelerator, state.model, announce=False)
+        elif state.peft_model is None or seq:
             base = state.peft_model.unload() if state.peft_model is not None else state.model
             state.peft_model = stack_adapters(base, [str(adapter_dir)])
         else:
@@ -309,6 +321,9 @@ def train_adapter(run: Run, state: ModelState, k: int, task: Task, chosen: TaskS
         # Seeded per task, so a run resumed at any task initialises and drops out exactly as an uninterrupted one.
         from accelerate.utils import set_seed
 
+        if shards_per_task(accelerator):  # FSDP2: this task trains on a fresh tree, sharded once (tasks/sharding.py)
+            state.model, state.peft_model = unsharded_stack(
+                config.model, resolve_dtype(config.dtype, accelerator.device), state.adapter_dirs, config.fused_ops)
         set_seed(config.seed + k)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
@@ -390,6 +405,7 @@ def train_task(accelerator, peft_model, name, previous, encoded, config, task_di
         accelerator, step_module, net, [micro_batches(encoded, b, config, layout, 0, 1) for b in steps], encoded, steps,
         config.gradient_checkpointing)
     model, optimizer = prepare_for_training(accelerator, step_module, optimizer, net)  # tasks/sharding.py
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 put sharded parameters in their place
 
     checkpoint = task_dir / "checkpoint"
     saved = resume_training(accelerator, model, scheduler, checkpoint, task_dir.name)

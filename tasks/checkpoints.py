@@ -19,6 +19,7 @@ from tasks.errors import SapoError, writing
 from tasks.loaders import strict_json
 from tasks.records import read_record
 from tasks.reselection import ReselectorState
+from tasks.sharding import load_state, save_state
 
 
 @dataclass
@@ -67,7 +68,7 @@ def save_checkpoint(accelerator, checkpoint: Path, step: int, extra=None):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     with writing(tmp):  # a full disk: one line naming the folder (torch's own message names neither)
-        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}))
+        save_state(accelerator, str(tmp), **({"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         step_file = tmp / "sapo_step.json"  # written last: tmp is complete
@@ -134,7 +135,7 @@ def resume_training(accelerator, model, scheduler, checkpoint: Path, task: str) 
     saved = read_record(checkpoint / "sapo_step.json", CheckpointStep,
                         advice=f"delete {checkpoint} to train the task again from its start")
     check_checkpoint_keys(model, checkpoint)
-    accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
+    load_state(accelerator, str(checkpoint), **({"load_module_strict": False} if deepspeed else {"strict": False}))
     for _ in range(saved.step):  # the schedule is a function of the step alone: replay it
         scheduler.step()
     return saved

@@ -23,7 +23,9 @@ def check_finite_step(accelerator, task: str, step: int, total_steps: int, nll_s
     summed NLL `nll_sum` (the step's loss is their sum over processes / `total_tokens`), the O-LoRA penalty
     `penalty` (0 without O-LoRA) or any of the `trainable` weights after the update is not finite."""
     device = nll_sum.device
-    broken_here = sum((~torch.isfinite(p.detach())).any().to(device, torch.float64) for p in trainable)  # no sync
+    # FSDP2 (DTensor) weights: this process's shard; the reduction below counts over every process anyway
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainable]
+    broken_here = sum((~torch.isfinite(p.detach())).any().to(device, torch.float64) for p in local)  # no sync
     values = torch.stack([nll_sum.detach().to(torch.float64).reshape(()),
                           torch.as_tensor(penalty).detach().to(device, torch.float64).reshape(()),
                           torch.as_tensor(broken_here, dtype=torch.float64, device=device).reshape(())])

@@ -8,11 +8,12 @@ Two steps, so that what is supported can change in one place:
 2. refuse, in one line, whatever the scripts cannot honour (`refuse_unsupported`), before any model loads.
 
 Sharded launches (DeepSpeed ZeRO-3, torch FSDP2) run where tasks/sharding.py makes scoring, training and
-generation work on the sharded model (SHARDED_SCRIPTS); `refuse_sharded` refuses the rest: FSDP version 1, FSDP for
-train_sapo.py (torch's fully_shard applies once per module, and every task adds a LoRA), probe_prompts.py, NVMe
-offload and O-LoRA under ZeRO-3. (Seen here: accelerate 1.15 does not construct an FSDP Accelerator without a GPU,
-"There are currently no available devices found"; with ACCELERATE_USE_CPU=1 and `--use_fsdp` it quietly builds a
-DDP one (MULTI_CPU), which `check_accelerator` refuses.)
+generation work on the sharded model (SHARDED_SCRIPTS; train_sapo.py under FSDP2 trains each task on a fresh tree,
+sharded once; O-LoRA's penalty on sharded weights: tasks/olora.py; probe_prompts.py under ZeRO-3 only);
+`refuse_sharded` refuses the rest: FSDP version 1, probe_prompts.py under FSDP, and NVMe offload. (Seen here:
+accelerate 1.15 does not construct an FSDP Accelerator without a GPU, "There are currently no available devices
+found"; with ACCELERATE_USE_CPU=1 and `--use_fsdp` it quietly builds a DDP one (MULTI_CPU), which
+`check_accelerator` refuses.)
 
 DeepSpeed ZeRO 0-2 train exactly what DDP trains: the script keeps its own accumulation (token-budget micro-batches
 vary in number), so DeepSpeed's gradient_accumulation_steps is 1 and `accelerator.sync_gradients` marks the last
@@ -220,8 +221,8 @@ def launch_of(accelerator) -> Launch:
 
 # The scripts that run on a sharded model (tasks/sharding.py), per engine; tests/test_sharding.py runs them on 2 CPU
 # processes (FSDP2 through torch's fully_shard: accelerate builds no FSDP Accelerator without a GPU).
-SHARDED_SCRIPTS = {"zero3": ("train_sapo.py", "score_prompts.py", "evaluate.py"),
-                   "fsdp2": ("score_prompts.py", "evaluate.py")}
+SHARDED_SCRIPTS = {"zero3": ("train_sapo.py", "score_prompts.py", "evaluate.py", "probe_prompts.py"),
+                   "fsdp2": ("train_sapo.py", "score_prompts.py", "evaluate.py")}
 
 
 def refuse_sharded(launch: Launch, script: str, training: TrainingRecipe | None = None):
@@ -231,9 +232,8 @@ def refuse_sharded(launch: Launch, script: str, training: TrainingRecipe | None 
             raise SapoError(f"{script} does not support FSDP version {launch.fsdp_version}: use torch FSDP2 "
                             "(accelerate launch --use_fsdp --fsdp_version 2) or DeepSpeed ZeRO-3")
         if script not in SHARDED_SCRIPTS["fsdp2"]:
-            raise SapoError(f"{script} does not support FSDP: torch's fully_shard applies once per module and every "
-                            "task adds a LoRA to the sharded model; use DeepSpeed ZeRO-3 (accelerate launch "
-                            "--use_deepspeed --zero_stage 3) or DDP (accelerate launch --multi_gpu)")
+            raise SapoError(f"{script} does not support FSDP: its passes need the full weights on every process; use "
+                            "DDP (accelerate launch --multi_gpu)")
     if launch.engine == "deepspeed" and launch.zero_stage == 3:
         where = f" (zero_optimization.stage 3 in {launch.config_file})" if launch.config_file else ""
         if script not in SHARDED_SCRIPTS["zero3"]:
@@ -243,10 +243,6 @@ def refuse_sharded(launch: Launch, script: str, training: TrainingRecipe | None 
         if nvme:
             raise SapoError(f"{script}: DeepSpeed ZeRO-3 with {' and '.join(nvme)} on NVMe{_where(launch)} is not "
                             "supported (not tested); offload to the CPU (\"device\": \"cpu\") or not at all")
-        if training is not None and training.method == "o-lora":
-            raise SapoError(f"{script}: --method o-lora does not support DeepSpeed ZeRO-3{where}: its penalty reads "
-                            "every adapter's LoRA A matrices outside any forward, where ZeRO-3 holds them "
-                            "partitioned; use ZeRO stage 0-2 or DDP")
 
 
 def _where(launch: Launch) -> str:

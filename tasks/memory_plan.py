@@ -168,11 +168,11 @@ def plan_training_memory(accelerator, step_module, net, plans, encoded, steps, m
     this process's (index, MicroBatch) pairs of step s, planned for one process), printed; gradient checkpointing
     chosen from it (`mode` on | off | auto) and switched on; the CUDA peak counter reset, for training.json's peak.
     Returns (the estimate, or None when the model is sharded, and whether checkpointing is on)."""
-    from tasks.sharding import lockstep
+    from tasks.sharding import lockstep, shards_per_task
     from tasks.train_step import set_gradient_checkpointing
 
     tokens, width, head_rows = largest_micro_batch(plans, encoded, steps)
-    if lockstep(net):  # sharded (tasks/sharding.py): one process's probe forward cannot run alone; auto = on
+    if lockstep(net) or shards_per_task(accelerator):  # sharded (tasks/sharding.py): no probe forward; auto = on
         estimate, checkpointing = None, mode != "off"
     else:
         estimate = estimate_training_memory(step_module, net, tokens, width, accelerator.device, head_rows)

@@ -54,9 +54,19 @@ def head_nll(hidden, weight, bias, targets, logit_scale=1.0, softcap=None):
     return torch.nn.functional.cross_entropy(z, targets, reduction="sum")
 
 
+class InForward:
+    """`fn(model)` to run inside the training module's forward (SupervisedNLL.forward(InForward(fn)) returns its
+    result): a sharded engine has then gathered what that module's forward reads; ZeRO-3 gathers the module's
+    external parameters (deepspeed.zero.register_external_parameter). O-LoRA's penalty (tasks.olora) reads the LoRA A
+    matrices this way under ZeRO-3."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
 class SupervisedNLL(torch.nn.Module):
     """forward(TrainingBatch) -> summed NLL of its response tokens (fp32 scalar). `model` is the transformers model
-    (LoRA layers inside) or its peft wrapper; its parameters are this module's."""
+    (LoRA layers inside) or its peft wrapper; its parameters are this module's. forward(InForward(fn)) -> fn(model)."""
 
     def __init__(self, model, layout: str):
         super().__init__()
@@ -66,7 +76,9 @@ class SupervisedNLL(torch.nn.Module):
     def transformers_model(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, batch: TrainingBatch):
+    def forward(self, batch: TrainingBatch | InForward):
+        if isinstance(batch, InForward):
+            return batch.fn(self.model)
         net = self.transformers_model()
         setup = scoring_setup(net)  # attention kind, sliding windows, the LM head and its scale/softcap
         backbone = getattr(net, net.base_model_prefix)

@@ -7,6 +7,10 @@ clipping ends with adapters 5e-3 and 2.5e-2 away, relative, from the clipped one
 first two steps at 0, and O-LoRA's penalty acts on task 2. An engine that stepped after every micro-batch, skipped
 the clipping or the penalty would be orders of magnitude off the 1e-4 tolerance (seen: 2e-7 to 5e-7).
 
+Under ZeRO-3 the LoRA weights are partitioned outside their module's forward, and O-LoRA's penalty reads them from
+outside: it runs inside a forward of the training module with them registered as external parameters (tasks/olora.py);
+the ZeRO-3 run below partitions every parameter (no persistence threshold) and trains what DDP trains.
+
 DeepSpeed is optional (requirements-deepspeed.txt; CI installs it). Its first CPU run compiles a comm module with
 g++ (about 75 s, then cached)."""
 import json
@@ -97,3 +101,22 @@ def test_authors_style_config_file_with_offload_trains_what_ddp_trains(ddp_run):
                   "--mixed_precision", "no")
     assert f"launch: deepspeed ZeRO-2, optimizer offloaded to cpu, mixed precision no ({path})" in proc.stdout
     assert_same_training(root / "offload", root / "ddp")
+
+
+def test_zero3_olora_trains_what_ddp_trains(ddp_run):
+    # Every parameter partitioned (the tiny LoRA matrices would otherwise stay whole: the default persistence
+    # threshold is 10 x hidden = 640 elements), so the penalty's A matrices are shape (0,) outside a forward.
+    root, model = ddp_run
+    config = {"bf16": {"enabled": "auto"}, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 4096}}
+    path = root / "zero3.json"
+    path.write_text(json.dumps(config))
+    proc = launch(root / "zero3", model, "--use_deepspeed", "--deepspeed_config_file", str(path),
+                  "--mixed_precision", "no")
+    assert "sharded launch: zero3" in proc.stdout
+    assert_same_training(root / "zero3", root / "ddp")
+    orth = [json.loads(x)["olora_orth"] for x in (root / "zero3" / TASKS[1] / "train_log.jsonl").read_text()
+            .splitlines()]
+    assert all(o > 0 for o in orth)  # task 2's penalty acted (task 1 has no earlier adapter: 0)

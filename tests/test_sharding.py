@@ -149,37 +149,33 @@ train_sapo.main(sys.argv[1:])
 '''
 
 
-def test_train_sapo_under_zero3_resumes_and_matches_one_process(model_dir, tmp_path):
-    """Two tasks (selection, training, evaluation rows) on 2 processes under ZeRO-3, interrupted after task 2's
-    first checkpoint and rerun: the same picks, scores, losses, adapters and greedy predictions as one process."""
-    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
-    import json
-
-    import train_sapo
-    from safetensors.torch import load_file
-    from test_train_sapo import SMALL
-
-    train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "one"), *SMALL])
-    config = tmp_path / "zero3.json"
-    config.write_text(json.dumps(USER_ZERO3_JSON))
+def launch_interrupted_then_resumed(launcher: list[str], env: dict, args: list[str], tmp_path: Path, out: Path,
+                                    check_checkpoint=None):
+    """train_sapo.py through `launcher` (accelerate launch ...), killed right after task 2's first checkpoint (handed
+    to `check_checkpoint`), then the same command again: it resumes there."""
     (tmp_path / "stop.py").write_text(STOP_AFTER_CHECKPOINT)
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would quietly build DDP
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    out = tmp_path / "zero3"
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed",
-               "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port", str(free_port())]
-    args = ["--model", model_dir, "--output-dir", str(out), *SMALL]
-    killed = subprocess.run([*command, str(tmp_path / "stop.py"), *args], cwd=ROOT, env=env, capture_output=True,
+    killed = subprocess.run([*launcher, str(tmp_path / "stop.py"), *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=900)
-    assert killed.returncode != 0 and (out / "2-count_words" / "checkpoint" / "sapo_step.json").exists(), \
-        killed.stderr[-3000:]
-    resumed = subprocess.run([*command, "train_sapo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    checkpoint = out / "2-count_words" / "checkpoint"
+    assert killed.returncode != 0 and (checkpoint / "sapo_step.json").exists(), \
+        killed.stdout[-2000:] + killed.stderr[-3000:]
+    if check_checkpoint is not None:
+        check_checkpoint(checkpoint)
+    resumed = subprocess.run([*launcher, "train_sapo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert "sharded launch: zero3" in resumed.stdout and "resuming training of 2-count_words" in resumed.stdout
-    one = tmp_path / "one"
-    for k, name in enumerate(["sentiment", "count_words"], start=1):
-        task_dir = f"{k}-{name}"
+    assert "resuming training of 2-count_words" in resumed.stdout
+    return resumed
+
+
+def assert_runs_match(one: Path, out: Path, rows=("1-sentiment", "2-count_words")):
+    """Per task: the same picks, candidate scores (1e-5 relative), losses (1e-4 relative), adapters (1e-4 of the
+    largest weight) and greedy predictions of every task in the row (identical)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    for task_dir in rows:
         s1, s2 = [json.loads((d / task_dir / "selection.json").read_text()) for d in (one, out)]
         assert s1["selected"] == s2["selected"]
         assert [c["score"] for c in s2["candidates"]] == pytest.approx([c["score"] for c in s1["candidates"]],
@@ -191,7 +187,168 @@ def test_train_sapo_under_zero3_resumes_and_matches_one_process(model_dir, tmp_p
         assert set(w1) == set(w2)
         for n in w1:
             assert (w2[n] - w1[n]).abs().max() <= 1e-4 * w1[n].abs().max()
-        for task in ("sentiment", "count_words"):
-            p1, p2 = [[json.loads(x)["prediction"] for x in (d / task_dir / "predictions" / f"{task}.jsonl")
-                       .read_text().splitlines()] for d in (one, out)]
-            assert p1 == p2
+        assert predictions(out, task_dir) == predictions(one, task_dir)
+
+
+def predictions(run: Path, row: str) -> dict[str, list[str]]:
+    import json
+
+    return {task: [json.loads(x)["prediction"] for x in (run / row / "predictions" / f"{task}.jsonl")
+                   .read_text().splitlines()] for task in ("sentiment", "count_words")}
+
+
+def test_train_sapo_under_zero3_resumes_and_matches_one_process(model_dir, tmp_path):
+    """Two tasks (selection, training, evaluation rows) on 2 processes under ZeRO-3, interrupted after task 2's
+    first checkpoint and rerun: the same picks, scores, losses, adapters and greedy predictions as one process."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    import json
+
+    import train_sapo
+    from test_train_sapo import SMALL
+
+    train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "one"), *SMALL])
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(USER_ZERO3_JSON))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would quietly build DDP
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = tmp_path / "zero3"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed",
+               "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port", str(free_port())]
+    resumed = launch_interrupted_then_resumed(command, env, ["--model", model_dir, "--output-dir", str(out), *SMALL],
+                                              tmp_path, out)
+    assert "sharded launch: zero3" in resumed.stdout
+    assert_runs_match(tmp_path / "one", out)
+
+
+def test_train_sapo_under_fsdp2_resumes_and_matches_one_process(model_dir, tmp_path):
+    """train_sapo.py's FSDP2 path (a fresh tree per task, sharded once; tasks/sharding.py) on 2 CPU processes, with
+    torch's fully_shard applied directly (the test seam: accelerate builds no FSDP Accelerator without a GPU):
+    selection on the sharded state, each task's adapter trained, the rows' greedy answers, killed after task 2's
+    first checkpoint and resumed, equal to one process without sharding; each saved adapter loads with stock peft."""
+    import json
+
+    import train_sapo
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from test_train_sapo import SMALL
+
+    from tasks.models import load_model
+
+    # --lr 3e-4: the trained adapters change some greedy answers (5e-3 makes every answer empty here: nothing to
+    # compare); --max-grad-norm 0.05: the clipping over the sharded gradient acts (seen on one process: without it the
+    # adapters end 0.12 away, relative)
+    small = [*SMALL, "--lr", "3e-4", "--max-grad-norm", "0.05"]
+    one = tmp_path / "one"
+    train_sapo.main(["--model", model_dir, "--output-dir", str(one), *small])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", sharding.CPU_FULLY_SHARD_ENV: "1"}
+    out = tmp_path / "fsdp2"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(free_port())]
+
+    def trainable_only(checkpoint: Path):  # the new adapter's weights and their optimizer state, not the base
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        assert weights and all(".task2." in n for n in weights), sorted(weights)[:4]
+        state = torch.load(checkpoint / sharding.FSDP2_OPTIMIZER, weights_only=True)["state"]
+        assert set(state) == set(weights) and all(int(v["step"]) == 2 for v in state.values())
+        assert all(v["exp_avg"].shape == weights[n].shape for n, v in state.items())  # whole, not one shard
+
+    resumed = launch_interrupted_then_resumed(command, env, ["--model", model_dir, "--output-dir", str(out), *small],
+                                              tmp_path, out, check_checkpoint=trainable_only)
+    assert "sharded launch: fsdp2" in resumed.stdout
+    assert_runs_match(one, out, rows=("1-sentiment", "2-count_words"))
+    assert predictions(out, "0-zero-shot") == predictions(one, "0-zero-shot")
+    after = [p for row in ("1-sentiment", "2-count_words") for ps in predictions(out, row).values() for p in ps]
+    before = [p for ps in predictions(out, "0-zero-shot").values() for p in ps]
+    assert any(after) and after != before * 2  # the answers compared are answers, and training changed some
+    for k, task_dir in enumerate(("1-sentiment", "2-count_words")):  # stock peft loads what the sharded run saved
+        adapter = out / task_dir / "adapter"
+        loaded = PeftModel.from_pretrained(load_model(model_dir), str(adapter))
+        want = load_file(str(one / task_dir / "adapter" / "adapter_model.safetensors"))
+        got = {n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
+        assert len(got) == len(want) > 0
+        for n, w in want.items():
+            g = got[n.replace(".weight", ".default.weight")]
+            assert (g - w).abs().max() <= 1e-4 * w.abs().max()
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_train_sapo_olora_under_fsdp2_matches_one_process(model_dir, tmp_path):
+    """--method o-lora on FSDP2's code path (the seam above): the penalty gathers the A matrices (DTensor shards)
+    whole and its gradient reaches each shard beside the forward's; losses, penalties and adapters equal to one
+    process. The penalty matters here (lambda2 makes it act on task 1 too): with the gathered weights detached, the
+    losses left the tolerance (seen)."""
+    import json
+
+    import train_sapo
+    from test_train_sapo import SMALL
+
+    small = [*SMALL, "--lr", "3e-4", "--method", "o-lora", "--olora-lambda2", "0.1"]
+    one, out = tmp_path / "one", tmp_path / "fsdp2"
+    train_sapo.main(["--model", model_dir, "--output-dir", str(one), *small])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", sharding.CPU_FULLY_SHARD_ENV: "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                           "2", "--main_process_port", str(free_port()), "train_sapo.py", "--model", model_dir,
+                           "--output-dir", str(out), *small], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and "sharded launch: fsdp2" in proc.stdout, proc.stderr[-3000:]
+    assert_runs_match(one, out)
+    o1, o2 = [[json.loads(x)["olora_orth"] for x in (d / "2-count_words" / "train_log.jsonl").read_text()
+               .splitlines()] for d in (one, out)]
+    assert all(o > 0 for o in o1) and o2 == pytest.approx(o1, rel=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_probe_prompts_under_zero3_matches_one_process(model_dir, tmp_path):
+    """probe_prompts.py under ZeRO-3 (every parameter partitioned) on 2 processes against one process: S1 trained,
+    every candidate's indicators under S1 and under the base model (pre-update loss, token statistics, base-weight
+    gradient norms: from each layer's input and output gradient, never the partitioned weights), the gradient
+    conflicts, and every arm (a T2 LoRA from S1, dropped again afterwards: back to S1) with its greedy answers."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (requirements-deepspeed.txt)")
+    import json
+
+    import probe_prompts
+    from safetensors.torch import load_file
+
+    args = ["--model", model_dir, "--pairs", "sentiment->topic", "--unseen", "animal", "--max-candidates", "3",
+            "--score-instances", "4", "--train-instances", "8", "--epochs", "1", "--global-batch-size", "4",
+            "--micro-batch-size", "2", "--eval-instances", "4", "--max-new-tokens", "4", "--seeds", "1",
+            "--permutations", "50", "--bootstrap", "50", "--pool-subsets", "10", "--max-source-length", "256",
+            "--max-target-length", "16", "--lr", "3e-4", "--eval-batch-size", "4"]
+    one, out = tmp_path / "one", tmp_path / "zero3"
+    probe_prompts.main([*args, "--output-dir", str(one)])
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({**USER_ZERO3_JSON, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 4096,
+        "stage3_prefetch_bucket_size": 4096}}))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed",
+                           "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port",
+                           str(free_port()), "probe_prompts.py", *args, "--output-dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "sharded launch: zero3" in proc.stdout, proc.stderr[-3000:]
+    pair1, pair2 = one / "sentiment--topic", out / "sentiment--topic"
+    i1, i2 = [json.loads((p / "indicators.json").read_text()) for p in (pair1, pair2)]
+    assert i1["candidates"] == i2["candidates"] and len(i1["candidates"]) == 3
+    for kind in ("indicators", "static"):
+        for a, b in zip(i1[kind], i2[kind], strict=True):
+            assert set(a) == set(b)
+            for name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-5, nan_ok=True), (kind, name)
+            assert a["gradient_norm"] > 0
+    c1, c2 = [json.loads((p / "conflict.json").read_text()) for p in (pair1, pair2)]
+    for a, b in zip(c1, c2, strict=True):
+        assert b["cosine_t1"] == pytest.approx(a["cosine_t1"], abs=1e-5)
+        assert b["cosine_unseen"] == pytest.approx(a["cosine_unseen"], abs=1e-5)
+    answered = 0
+    for arm in ["1-sentiment"] + [probe_prompts.arm_dir(pair1, c, 0).name for c in range(3)]:
+        w1, w2 = [load_file(str(p / arm / "adapter" / "adapter_model.safetensors")) for p in (pair1, pair2)]
+        assert set(w1) == set(w2)
+        for n in w1:
+            assert (w2[n] - w1[n]).abs().max() <= 1e-4 * w1[n].abs().max()
+        if arm != "1-sentiment":  # the arms' rows (S1's own row is not part of the study)
+            p1, p2 = [{f.name: [json.loads(x)["prediction"] for x in f.read_text().splitlines()]
+                       for f in sorted((p / arm / "predictions").glob("*.jsonl"))} for p in (pair1, pair2)]
+            assert p1 == p2 and len(p1) == 3
+            answered += sum(1 for ps in p1.values() for x in ps if x)
+    assert answered > 0  # the answers compared are answers
