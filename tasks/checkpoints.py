@@ -19,7 +19,7 @@ from tasks.errors import SapoError, writing
 from tasks.loaders import strict_json
 from tasks.records import read_record
 from tasks.reselection import ReselectorState
-from tasks.sharding import load_state, save_state
+from tasks.sharding import FSDP2_OPTIMIZER, load_state, save_state, shards_per_task
 
 
 @dataclass
@@ -95,14 +95,26 @@ def recover_checkpoint(accelerator, checkpoint: Path):
     accelerator.wait_for_everyone()
 
 
-def check_checkpoint_format(checkpoint: Path, deepspeed: bool, task: str):
-    """A DeepSpeed launch writes the engine's own checkpoint (a pytorch_model/ folder of per-process partitions), any
-    other launch a model.safetensors: a resume under the other kind of launch would fail inside the loader."""
-    by_deepspeed = (checkpoint / "pytorch_model").is_dir()
-    if by_deepspeed != deepspeed:
-        written = "a DeepSpeed" if by_deepspeed else "a non-DeepSpeed"
-        raise SapoError(f"{checkpoint} was written by {written} launch: resume with the same launch, or delete it to "
-                        f"train {task} again from its start")
+def launch_kind(accelerator) -> str:
+    """The kind of checkpoint a launch writes: DeepSpeed (the engine's own: a pytorch_model/ folder of per-process
+    partitions), FSDP2 (tasks.sharding.save_state: whole tensors and FSDP2_OPTIMIZER) or plain (accelerate's
+    model.safetensors + optimizer.bin: one process, DDP)."""
+    if is_deepspeed(accelerator):
+        return "DeepSpeed"
+    return "FSDP2" if shards_per_task(accelerator) else "plain"
+
+
+def check_checkpoint_format(checkpoint: Path, kind: str, task: str):
+    """A checkpoint is resumed only by the kind of launch that wrote it (launch_kind): under another kind the loader
+    would fail inside accelerate or DeepSpeed."""
+    if (checkpoint / "pytorch_model").is_dir():
+        written = "DeepSpeed"
+    else:
+        written = "FSDP2" if (checkpoint / FSDP2_OPTIMIZER).exists() else "plain"
+    if written != kind:
+        described = {"DeepSpeed": "a DeepSpeed", "FSDP2": "an FSDP2", "plain": "a one-process or DDP"}
+        raise SapoError(f"{checkpoint} was written by {described[written]} launch, this is {described[kind]} one: "
+                        f"resume with the same launch, or delete it to train {task} again from its start")
 
 
 def check_checkpoint_keys(model, checkpoint: Path):
@@ -131,7 +143,7 @@ def resume_training(accelerator, model, scheduler, checkpoint: Path, task: str) 
     if not (checkpoint / "sapo_step.json").exists():
         return None
     deepspeed = is_deepspeed(accelerator)
-    check_checkpoint_format(checkpoint, deepspeed, task)
+    check_checkpoint_format(checkpoint, launch_kind(accelerator), task)
     saved = read_record(checkpoint / "sapo_step.json", CheckpointStep,
                         advice=f"delete {checkpoint} to train the task again from its start")
     check_checkpoint_keys(model, checkpoint)

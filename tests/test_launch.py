@@ -231,15 +231,27 @@ def test_a_deepspeed_launch_that_accelerate_quietly_builds_as_ddp_is_refused(tmp
 
 
 def test_a_checkpoint_is_resumed_only_by_the_kind_of_launch_that_wrote_it(tmp_path):
+    from tasks.sharding import FSDP2_OPTIMIZER
+
     deepspeed_checkpoint = tmp_path / "ds" / "checkpoint"
     (deepspeed_checkpoint / "pytorch_model").mkdir(parents=True)  # DeepSpeed's engine checkpoint (per process)
     plain_checkpoint = tmp_path / "ddp" / "checkpoint"
     plain_checkpoint.mkdir(parents=True)
     (plain_checkpoint / "model.safetensors").write_bytes(b"")
-    checkpoints.check_checkpoint_format(deepspeed_checkpoint, True, "1-sentiment")
-    checkpoints.check_checkpoint_format(plain_checkpoint, False, "1-sentiment")
-    with pytest.raises(SapoError, match=f"{deepspeed_checkpoint} was written by a DeepSpeed launch: resume with the "
-                                        "same launch, or delete it to train 1-sentiment again"):
-        checkpoints.check_checkpoint_format(deepspeed_checkpoint, False, "1-sentiment")
-    with pytest.raises(SapoError, match="was written by a non-DeepSpeed launch"):
-        checkpoints.check_checkpoint_format(plain_checkpoint, True, "1-sentiment")
+    fsdp2_checkpoint = tmp_path / "fsdp2" / "checkpoint"
+    fsdp2_checkpoint.mkdir(parents=True)
+    (fsdp2_checkpoint / "model.safetensors").write_bytes(b"")
+    (fsdp2_checkpoint / FSDP2_OPTIMIZER).write_bytes(b"")  # tasks.sharding.save_state's whole optimizer state
+    for checkpoint, kind in ((deepspeed_checkpoint, "DeepSpeed"), (plain_checkpoint, "plain"),
+                             (fsdp2_checkpoint, "FSDP2")):
+        checkpoints.check_checkpoint_format(checkpoint, kind, "1-sentiment")
+    with pytest.raises(SapoError, match=f"{deepspeed_checkpoint} was written by a DeepSpeed launch, this is a "
+                                        "one-process or DDP one: resume with the same launch, or delete it to train "
+                                        "1-sentiment again"):
+        checkpoints.check_checkpoint_format(deepspeed_checkpoint, "plain", "1-sentiment")
+    with pytest.raises(SapoError, match="was written by a one-process or DDP launch, this is a DeepSpeed one"):
+        checkpoints.check_checkpoint_format(plain_checkpoint, "DeepSpeed", "1-sentiment")
+    with pytest.raises(SapoError, match="was written by an FSDP2 launch, this is a one-process or DDP one"):
+        checkpoints.check_checkpoint_format(fsdp2_checkpoint, "plain", "1-sentiment")
+    with pytest.raises(SapoError, match="was written by a one-process or DDP launch, this is an FSDP2 one"):
+        checkpoints.check_checkpoint_format(plain_checkpoint, "FSDP2", "1-sentiment")
