@@ -206,7 +206,10 @@ def test_train_sapo_under_zero3_resumes_and_matches_one_process(model_dir, tmp_p
     import train_sapo
     from test_train_sapo import SMALL
 
-    train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "one"), *SMALL])
+    # --lr 3e-4 and --max-grad-norm 0.05, as the FSDP2 test below: answers that training changes (5e-3 makes every
+    # answer empty), and DeepSpeed's clipping acting on every step.
+    small = [*SMALL, "--lr", "3e-4", "--max-grad-norm", "0.05"]
+    train_sapo.main(["--model", model_dir, "--output-dir", str(tmp_path / "one"), *small])
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps(USER_ZERO3_JSON))
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would quietly build DDP
@@ -214,10 +217,13 @@ def test_train_sapo_under_zero3_resumes_and_matches_one_process(model_dir, tmp_p
     out = tmp_path / "zero3"
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed",
                "--deepspeed_config_file", str(config), "--num_processes", "2", "--main_process_port", str(free_port())]
-    resumed = launch_interrupted_then_resumed(command, env, ["--model", model_dir, "--output-dir", str(out), *SMALL],
+    resumed = launch_interrupted_then_resumed(command, env, ["--model", model_dir, "--output-dir", str(out), *small],
                                               tmp_path, out)
     assert "sharded launch: zero3" in resumed.stdout
     assert_runs_match(tmp_path / "one", out)
+    after = [p for row in ("1-sentiment", "2-count_words") for ps in predictions(out, row).values() for p in ps]
+    before = [p for ps in predictions(out, "0-zero-shot").values() for p in ps]
+    assert any(after) and after != before * 2  # the answers compared are answers, and training changed some
 
 
 def test_train_sapo_under_fsdp2_resumes_and_matches_one_process(model_dir, tmp_path):
