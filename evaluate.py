@@ -80,7 +80,7 @@ from tasks.flags import Range, add_config_flags, check_ranges
 from tasks.loaders import strict_json, write_json, write_text_atomic
 from tasks.prompts import HAN_CHARACTERS, MAX_SOURCE_LENGTH, encode_generation_prompt, pad_batch, render_prompt, \
     render_response
-from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
+from tasks.sharding import load_device, lockstep, shard_for_inference, weights_for_forward
 from tasks.trace_metrics import trace_metric, trace_score
 
 METRICS = ("AP", "BWT", "FWT", "BWT_last", "OP")
@@ -689,7 +689,8 @@ def run_main(args):
     engine = served_engine(args, tokenizer, accelerator) if args.engine == "openai" else None
     model = None
     if engine is None:
-        model = load_model(args.model, dtype=resolve_dtype(args.dtype, accelerator.device)).to(accelerator.device)
+        model = load_model(args.model, dtype=resolve_dtype(args.dtype, accelerator.device)).to(
+            load_device(accelerator))  # FSDP2: on the CPU until sharding moves each process's shards
         check_context(model, [("--max-prompt-tokens + --max-new-tokens", args.max_prompt_tokens + args.max_new_tokens)],
                       args.allow_beyond_context, args.model or "")  # before any answer is generated or written
         model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)

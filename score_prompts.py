@@ -51,7 +51,7 @@ from tasks.prompts import MAX_LENGTH, encode_task_example
 from tasks.racing import RaceRound, race_rounds
 from tasks.run_dir import check_writable_file
 from tasks.score_cache import CacheEntry, cached_entries, merge_into_cache, model_state_id, score_key
-from tasks.sharding import lockstep, shard_for_inference, weights_for_forward
+from tasks.sharding import load_device, lockstep, shard_for_inference, weights_for_forward
 
 SELECT_METHODS = ("sapo", "sapo-race")  # sapo: the paper's exhaustive scoring; sapo-race: ours, racing
 # Allowed values of the CLI's numeric flags, checked at parse time (tasks/flags.py).
@@ -498,7 +498,7 @@ def main(argv=None):
     # Scores in another dtype are other numbers: the cache key carries it (fp32 keys stay as they were).
     state_id = model_state_id(base, adapters) + ("" if dtype == torch.float32 else f"|{dtype}")
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype).to(accelerator.device).eval()
+    model = load_model(args.model, dtype=dtype).to(load_device(accelerator)).eval()  # FSDP2: the CPU until sharded
     check_context(model, [("--max-length", args.max_length)], args.allow_beyond_context, args.model or "")
     model = shard_for_inference(accelerator, model)  # FSDP2 / ZeRO-3 launches (tasks/sharding.py)
     if len(instances) < args.instances:

@@ -60,8 +60,8 @@ from tasks.reselection import Reselection, Reselector, reselection_instances, sh
 from tasks.run_dir import RunKey, check_task_folders, open_run_dir_on_every_process, pool_hash
 from tasks.schedule import adamw_with_schedule, warmup_steps_of
 from tasks.score_cache import model_state_id
-from tasks.sharding import (adapter_state_dict, end_training, lockstep, prepare_for_training, shard_for_inference,
-                             shards_per_task, unsharded_stack)
+from tasks.sharding import (adapter_state_dict, end_training, load_device, lockstep, prepare_for_training,
+                             shard_for_inference, shards_per_task, unsharded_stack)
 from tasks.timings import TaskTimings, TrainingClock
 from tasks.train_batches import (build_batch, check_batch_split, global_batches, my_micro_batches, plan_micro_batches,
                                  supervised_tokens)
@@ -218,10 +218,9 @@ def main(argv=None):
     run = Run(config, accelerator, tasks, run_dir, load_tokenizer(config.model), base_path, base_adapters)
     check_task_folders([run.task_dir(k, task) for k, task in enumerate(tasks)])
     # The base (plus any adapters --model already names) in --dtype; peft keeps every LoRA weight in fp32.
-    # Selection and the zero-shot row run before accelerate.prepare would move it; FSDP2 moves each process's shards
-    # to the device as it shards (not the whole model).
+    # Selection and the zero-shot row run before accelerate.prepare would move it (FSDP2: its sharding does).
     state = ModelState(model=load_model(config.model, dtype=resolve_dtype(config.dtype, accelerator.device)).to(
-        "cpu" if shards_per_task(accelerator) else accelerator.device))
+        load_device(accelerator)))
     state.model = shard_for_inference(accelerator, state.model)  # ZeRO-3: gathering hooks (tasks/sharding.py)
     check_lora_targets(state.model, config.lora_targets)
     check_model_context(state.model, config)

@@ -112,6 +112,12 @@ def shards_per_task(accelerator) -> bool:
     return launch_engine(accelerator) == FSDP2
 
 
+def load_device(accelerator):
+    """Where a script puts the model it has just loaded: the launch's device, except under FSDP2, whose sharding moves
+    each process's own shards there (the whole base on every GPU first would need what sharding is there to avoid)."""
+    return "cpu" if launch_engine(accelerator) == FSDP2 else accelerator.device
+
+
 def lockstep(model) -> bool:
     """True when a forward of `model` runs collectives (sharded): every process must run as many forwards."""
     return engine_of(model) != NONE
