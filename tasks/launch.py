@@ -346,8 +346,14 @@ def check_accelerator(accelerator, script: str, training: TrainingRecipe | None 
     launch = launch_of(accelerator)
     asked = read_launch()
     if asked.engine != launch.engine:  # e.g. --use_deepspeed with ACCELERATE_USE_CPU=1: accelerate quietly builds DDP
-        hint = " (ACCELERATE_USE_CPU=1 makes accelerate skip DeepSpeed: unset it; without a GPU the scripts run " \
-               "DeepSpeed on its CPU accelerator)" if _is_true(os.environ.get("ACCELERATE_USE_CPU", "")) else ""
+        if asked.engine == "fsdp":  # accelerate 1.15 builds FSDP on GPUs (and other accelerators) only
+            hint = (" (accelerate builds FSDP on GPUs only: on a CPU, use DeepSpeed ZeRO-3 with DS_ACCELERATOR=cpu "
+                    "for a sharded run, or DDP)")
+        elif _is_true(os.environ.get("ACCELERATE_USE_CPU", "")):
+            hint = (" (ACCELERATE_USE_CPU=1 makes accelerate skip DeepSpeed: unset it; without a GPU the scripts run "
+                    "DeepSpeed on its CPU accelerator)")
+        else:
+            hint = ""
         raise SapoError(f"{script}: the launch asks for {asked.engine} but accelerate built a "
                         f"{accelerator.distributed_type.value} one{hint}")
     refuse_unsupported(launch, script, training)

@@ -214,6 +214,8 @@ def test_real_two_process_sharded_launch_built_as_ddp_on_cpu_is_refused(engine, 
     assert proc.returncode != 0
     assert ours and all(f"evaluate.py: the launch asks for {says} but accelerate built a MULTI_CPU one" in line
                         for line in ours), proc.stderr[-2000:]
+    hint = "on GPUs only: on a CPU, use DeepSpeed ZeRO-3" if says == "fsdp" else "makes accelerate skip DeepSpeed"
+    assert all(hint in line for line in ours), ours
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
