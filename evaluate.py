@@ -481,10 +481,10 @@ def write_report(run_dir, metric=None) -> dict:
     return metrics
 
 
-def write_matrix(run_dir, task_names: list[str], rows: list[tuple[str, dict[str, TaskScores]]]):
+def write_matrix(run_dir, task_names: list[str], rows: list[tuple[str, dict[str, TaskScores]]]) -> dict:
     """R.json of a run from its rows, (label, task name -> TaskScores) in order: one matrix per score every task of
     every row has (TRACE's own, "trace", in a run of TRACE tasks, with each task's metric name), then the report
-    (write_report: metrics.json, R.csv, R.png)."""
+    (write_report: metrics.json, R.csv, R.png), whose metrics it returns."""
     present = [s for s in SCORES if all(scores[n].score(s) is not None for _, scores in rows for n in task_names)]
     R = {"tasks": task_names, "rows": [label for label, _ in rows],
          **{s: [[scores[n].score(s) for n in task_names] for _, scores in rows] for s in present}}

@@ -231,7 +231,7 @@ def main(argv=None):
     # Row 0 of R: the base model, zero-shot, original instructions (the original code never computed it: FWT needs it).
     originals = {t.name: t.instruction for t in tasks}
     rows = [evaluate_row(run, state, run_dir / "0-zero-shot", "zero-shot", originals)]
-    write_results(run, rows, {})
+    metrics = write_results(run, rows, {})
     trained_with, timings = {}, {}  # task name -> the instruction its adapter was trained with
     for k, task in enumerate(tasks):
         task_dir = run.task_dir(k, task)
@@ -247,8 +247,8 @@ def main(argv=None):
         instructions = {**originals, **(trained_with if config.eval_prompt == "selected" else {})}
         rows.append(evaluate_row(run, state, task_dir, f"after {task.name}", instructions))
         timings[task.name] = task_timings(chosen, training, rows[-1])
-        write_results(run, rows, timings)
-    print_summary(run, rows, timings)
+        metrics = write_results(run, rows, timings)
+    print_summary(run, rows, timings, metrics)
     accelerator.end_training()
 
 
@@ -755,12 +755,15 @@ def load_tasks(config: Config, accelerator) -> list[Task]:
     return tasks
 
 
-def write_results(run: Run, rows: list[Row], timings: dict[str, TaskTimings]):
-    """R.json (+ the report: metrics.json, R.csv, R.png) and timings.json, rewritten after every row."""
-    if run.accelerator.is_main_process:
-        evaluate.write_matrix(run.run_dir, [t.name for t in run.tasks], [(r.row, r.scores) for r in rows])
-        if timings:
-            write_json(run.run_dir / "timings.json", {name: t.to_json() for name, t in timings.items()})
+def write_results(run: Run, rows: list[Row], timings: dict[str, TaskTimings]) -> dict | None:
+    """R.json (+ the report: metrics.json, R.csv, R.png) and timings.json, rewritten after every row. Returns the
+    report's metrics (evaluate.write_report; None on the other processes)."""
+    if not run.accelerator.is_main_process:
+        return None
+    metrics = evaluate.write_matrix(run.run_dir, [t.name for t in run.tasks], [(r.row, r.scores) for r in rows])
+    if timings:
+        write_json(run.run_dir / "timings.json", {name: t.to_json() for name, t in timings.items()})
+    return metrics
 
 
 def task_timings(chosen: TaskSelection, training: Training, row: Row) -> TaskTimings:
@@ -777,11 +780,11 @@ def save_stack(run: Run, state: ModelState, task_dir: Path, trained_with: dict[s
                                      + [os.path.relpath(a, task_dir) for a in state.adapter_dirs]})  # beside it
 
 
-def print_summary(run: Run, rows: list[Row], timings: dict[str, TaskTimings]):
+def print_summary(run: Run, rows: list[Row], timings: dict[str, TaskTimings], metrics: dict | None):
+    """The last row's report (write_results' metrics: on TRACE's own scores when R has them, else ROUGE-L)."""
     if not run.accelerator.is_main_process:
         return
     names = [t.name for t in run.tasks]
-    metrics = evaluate.write_report(run.run_dir)  # on TRACE's own scores when R has them, else ROUGE-L
     print(f"\n{metrics['metric']}:")
     print(evaluate.markdown_table([[r.scores[n].score(metrics["metric"]) for n in names] for r in rows], names))
     print()

@@ -366,12 +366,7 @@ def load_state(accelerator, directory: str, **kwargs):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
         set_optimizer_state_dict
 
-    from tasks.errors import SapoError
-
-    optimizer_file = Path(directory) / FSDP2_OPTIMIZER
-    if not optimizer_file.exists():
-        raise SapoError(f"{directory} was not written by an FSDP2 launch (no {FSDP2_OPTIMIZER}): resume with the same "
-                        "launch, or delete it to train the task again from its start")
+    optimizer_file = Path(directory) / FSDP2_OPTIMIZER  # tasks.checkpoints checked it is there (the launch kind)
     model, optimizer = _fsdp2_training["current"]
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, load_file(str(Path(directory) / "model.safetensors")), options=options)
